@@ -1,0 +1,749 @@
+"""Task definitions for llm2llm: loading, prompts, answer checking, teacher replies and their filtering.
+
+A task knows how to
+  - load its train/test rows from JSONL (fetching public data on first use),
+  - turn a row into the student's user message (`prompt`) and training target (`response`),
+  - read the student's answer out of generated text (`extract`) and grade it (`is_correct`),
+  - ask the teacher for new examples built from a wrong seed row (`teacher_messages`, prompts/*.txt),
+  - read the teacher's untrusted reply back into rows (`parse_reply`) and vet them (`validate`,
+    `filter_generated`: duplicates, near-duplicates, test-set overlap, wrong arithmetic).
+
+Built-in tasks (files DATA_DIR/<task>/{train,test}.jsonl, one JSON object per line):
+  gsm8k     question, answer (rationale with <<a*b=c>> notes, last line "#### N")    answer_type number
+  sst2      text, label in {negative, positive}                                       answer_type label
+  trec      text, label in {ABBR, DESC, ENTY, HUM, LOC, NUM} (fine_label optional)    answer_type label
+  snips     text, label (7 intents)                                                   answer_type label
+  casehold  citing_prompt, holding_0..holding_4, label (0-4, int or str)              answer_type label
+A user's own task: get_task("path/train.jsonl", test_file="path/test.jsonl", answer_type=...), rows
+{"input": ..., "output": ...}; answer_type "exact" (normalized string match), "number" (numeric match) or
+"label" (labels taken from the train file's outputs unless `labels` is given).
+
+Usage:
+    import tasks
+    task = tasks.get_task("gsm8k")
+    train = task.load("train", "data")
+    seed = tasks.sample_seed(task, train, size=100, seed=0)
+    task.is_correct("... so she has $1,200.\n#### 1200", seed[0])
+"""
+
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+class TaskError(Exception):
+    """A problem the user can fix (bad file, bad option); the message says where and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numbers. GSM8K answers are compared as exact rationals: "1,200" == 1200, "3.0" == 3, "1/2" is one half (not
+# 12), "$-5" and "-5" are negative. Floats would make 0.1+0.2 != 0.3 and string compare would make 3.0 != 3.
+
+NUMBER_RE = re.compile(
+    r"(?<![\w.,])"                             # not the tail of a word, a decimal or a digit group
+    r"(?P<neg>[-\u2212]\s?)?\$?\s?(?P<neg2>[-\u2212])?"
+    r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+|(?=\.\d))"  # 1,200 (thousands groups), 1200, or none in .5
+    r"(?P<dec>\.\d+)?"
+    r"(?:\s?/\s?(?P<den>\d+)(?![\d.]))?"       # a fraction a/b
+)
+
+
+def _number_value(match):
+    value = Fraction(match["int"].replace(",", "") + (match["dec"] or ""))
+    if match["den"] and int(match["den"]) != 0:
+        value /= int(match["den"])
+    return -value if (match["neg"] or match["neg2"]) else value
+
+
+def parse_number(text):
+    """The first number in `text` as a Fraction, or None."""
+    match = NUMBER_RE.search(str(text))
+    return _number_value(match) if match else None
+
+
+def format_number(value):
+    """Canonical text of a Fraction: "1200", "0.5", "-2.25", "1/3"."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    while den % 2 == 0:
+        den //= 2
+    while den % 5 == 0:
+        den //= 5
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    digits = 0
+    while (value * 10**digits).denominator != 1:
+        digits += 1
+    scaled = str(abs(value * 10**digits).numerator).rjust(digits + 1, "0")
+    return f"{'-' if value < 0 else ''}{scaled[:-digits]}.{scaled[-digits:]}"
+
+
+def extract_number(text):
+    """The number after the last "####" (on that line), else the last number in the text; None if none."""
+    text = str(text)
+    marker = text.rfind("####")
+    if marker >= 0:
+        match = NUMBER_RE.search(text[marker + 4:].split("\n", 1)[0])
+        if match:
+            return _number_value(match)
+    matches = list(NUMBER_RE.finditer(text))
+    return _number_value(matches[-1]) if matches else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels and exact strings. Students and teachers write "Positive.", "**NUM**", "Play Music", "holding_2":
+# comparing lowercase alphanumeric runs, joined, against each label makes all of these match without
+# accepting a word that is merely similar ("positively" is not "positive").
+
+def _words(text):
+    return re.findall(r"[a-z0-9]+", str(text).lower())
+
+
+def _label_key(label):
+    return "".join(_words(label))
+
+
+def match_label(text, labels):
+    """The label that occurs first in `text` (case, spacing and punctuation ignored), or None."""
+    keys = {_label_key(label): label for label in labels}
+    longest = max((len(_words(label)) for label in labels), default=1) + 2  # "add to play list" spellings
+    words = _words(text)
+    for start in range(len(words)):
+        for end in range(min(len(words), start + longest), start, -1):
+            if "".join(words[start:end]) in keys:
+                return keys["".join(words[start:end])]
+    return None
+
+
+def canonical_label(value, labels):
+    """The label that `value` spells as a whole ("Positive." -> "positive", 2 -> "2"), or None."""
+    return next((label for label in labels if _label_key(label) == _label_key(value)), None)
+
+
+def normalize_text(text):
+    """Case-folded, whitespace-collapsed, with surrounding quotes and end punctuation removed."""
+    return " ".join(str(text).casefold().split()).strip(" \"'`*.,;:!?")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GSM8K calculator notes. A teacher that writes "<<12*3=38>>" teaches wrong arithmetic, so every note is
+# recomputed. The text is untrusted: a tiny recursive-descent parser that knows numbers, + - * / % and
+# parentheses, and nothing else, does the arithmetic (no eval, no ast on arbitrary code).
+
+NOTE_RE = re.compile(r"<<(.*?)>>", re.S)
+NOTE_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(//|.))")
+
+
+def safe_arithmetic(expr):
+    """Evaluate + - * / // % ( ) over numbers exactly (Fraction); ValueError on anything else."""
+    if len(expr) > 200:
+        raise ValueError("expression too long")
+    expr = re.sub(r"(?<=\d),(?=\d{3})", "", expr).replace("$", "")
+    expr = expr.replace("\u00d7", "*").replace("x", "*").replace("X", "*").replace("\u00f7", "/")
+    tokens = [num or op for num, op in NOTE_TOKEN_RE.findall(expr) if num or op.strip()]
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def sum_():
+        value = product()
+        while peek() in ("+", "-"):
+            value = value + product() if take() == "+" else value - product()
+        return value
+
+    def product():
+        value = unary()
+        while peek() in ("*", "/", "//"):
+            op = take()
+            if op == "*":
+                value *= unary()
+                continue
+            divisor = unary()
+            if divisor == 0:
+                raise ValueError("division by zero")
+            value = value / divisor if op == "/" else Fraction(value // divisor)
+        return value
+
+    def unary():
+        if peek() in ("+", "-"):
+            return unary() if take() == "+" else -unary()
+        token = take() if peek() is not None else None
+        if token == "(":
+            value = sum_()
+            if peek() != ")":
+                raise ValueError("missing )")
+            take()
+        elif token is not None and token[0] in "0123456789.":
+            value = Fraction(token)
+        else:
+            raise ValueError(f"unexpected {token!r}")
+        if peek() == "%":
+            take()
+            value /= 100
+        return value
+
+    value = sum_()
+    if pos != len(tokens):
+        raise ValueError(f"unexpected {tokens[pos]!r}")
+    return value
+
+
+def check_calculations(rationale):
+    """None if every <<expression=result>> note is right (up to the rounding the result shows), else a reason."""
+    for note in NOTE_RE.findall(rationale):
+        expr, sep, result = note.rpartition("=")
+        result_value = parse_number(result)
+        if not sep or result_value is None or NUMBER_RE.sub("", result).strip(" %"):
+            return "bad_calculation"
+        try:
+            value = safe_arithmetic(expr)
+        except (ValueError, ZeroDivisionError):
+            return "bad_calculation"
+        # "10/3=3.33" and "7/2=3" (whole items) are fine; "12*3=38" is not: allow one unit of the last shown
+        # digit, so rounding and truncation both pass.
+        decimals = len(result.split(".")[1].strip(" %")) if "." in result else 0
+        if abs(value - result_value) >= Fraction(1, 10**decimals):
+            return "bad_calculation"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt files (format in prompts/README.md). Substitution is a single regex pass over known names, so a
+# value containing "{n}" or "{0.__class__}" is inserted verbatim and nothing is ever formatted or evaluated.
+
+SECTION_RE = re.compile(r"^### (system|user|student)[ \t]*$", re.M)
+
+
+@lru_cache(maxsize=None)
+def read_prompt_file(path):
+    text = Path(path).read_text(encoding="utf-8")
+    parts = SECTION_RE.split(text)
+    sections = {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2])}
+    if "system" not in sections or "user" not in sections:
+        raise TaskError(f"{path}: needs a '### system' and a '### user' section (see prompts/README.md)")
+    return sections
+
+
+def fill(template, values, source):
+    def replace(match):
+        if match[1] not in values:
+            raise TaskError(f"{source}: unknown placeholder {{{match[1]}}}; known: {', '.join(sorted(values))}")
+        return str(values[match[1]])
+
+    return re.sub(r"\{([a-z_0-9]+)\}", replace, template)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher replies. Items are numbered "Key: value" blocks; real replies add preambles ("Sure! Here are..."),
+# markdown bold, "### Example 2" headers and closing chatter. An item starts at each line opening with the
+# first key; other keys are looked up inside the item; nothing outside a recognised key is ever used.
+
+def _key_re(key):
+    return re.compile(
+        r"^[ \t>#*_-]*(?:(?:example|problem|item)?\s*\d{1,3}\s*[.):]\s*)?[*_]*\s*"
+        + re.escape(key).replace(r"\ ", r"[ _]?")
+        + r"(?:\s*\d{1,3})?\s*[*_]*\s*:[ \t]*[*_]*[ \t]*",  # "Question:", "**Question 2:**"
+        re.I | re.M,
+    )
+
+
+def split_items(text, keys):
+    """[({key: value}, raw item text)] per item; a key missing from an item is missing from its dict."""
+    text = str(text).replace("\r\n", "\n").replace("\r", "\n")
+    starts = [m.start() for m in _key_re(keys[0]).finditer(text)]
+    items = []
+    for begin, end in zip(starts, starts[1:] + [len(text)]):
+        chunk = text[begin:end]
+        found = sorted(
+            ((m.start(), m.end(), key) for key in keys for m in [_key_re(key).search(chunk)] if m),
+        )
+        item = {}
+        for (start, value_start, key), nxt in zip(found, found[1:] + [(len(chunk), 0, None)]):
+            if key not in item:
+                item[key] = chunk[value_start:nxt[0]].replace("**", "").strip()
+        items.append((item, chunk.strip()))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task. One dataclass holds what differs between tasks (fields, templates, label set); the methods are
+# shared, and differ only by answer_type.
+
+@dataclass
+class Task:
+    name: str
+    answer_type: str                      # "number" | "label" | "exact"
+    labels: list | None
+    input_fields: tuple                   # native fields shown to the student; the first is its main text
+    target_field: str                     # native field holding the answer
+    instruction: str                      # user message, {field} placeholders
+    reply_keys: tuple                     # (("Question", "question"), ...) teacher reply key -> native field
+    prompt_file: str                      # prompts/<name>.txt
+    rationale: bool = False               # target is a worked solution ending in "#### N" (gsm8k)
+    files: dict = field(default_factory=dict)   # split -> path, for a user's own task
+    fetch_hint: str = ""                  # what to do when the data file is missing
+
+    # --- data -----------------------------------------------------------------------------------------
+    def path(self, split, data_dir):
+        if self.files:
+            if split not in self.files or not self.files[split]:
+                raise TaskError(f"task {self.name}: no {split} file given (pass --test-file for the test split)")
+            return Path(self.files[split])
+        return Path(data_dir) / self.name / f"{split}.jsonl"
+
+    def load(self, split, data_dir="data"):
+        """Rows of `split` with "id" = "{name}-{split}-{line_index}" (0-based line index in the file)."""
+        path = self.path(split, data_dir)
+        if not path.exists():
+            if self.files:
+                raise TaskError(f"{path}: file not found")
+            fetch(self, split, path)
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                if not line.strip():
+                    continue
+                where = f"{path}:{index + 1}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                if not isinstance(row, dict):
+                    raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                problem = self.validate_fields(row)
+                if problem:
+                    raise TaskError(f"{where}: {problem}; fix or delete this line")
+                row["id"] = f"{self.name}-{split}-{index}"
+                rows.append(row)
+        if not rows:
+            raise TaskError(f"{path}: no rows; expected one JSON object per line with {self.field_names()}")
+        return rows
+
+    def field_names(self):
+        return ", ".join(dict.fromkeys(self.input_fields + (self.target_field,)))
+
+    def validate_fields(self, row):
+        """A user-facing description of what is wrong with a loaded row, or None."""
+        for name in dict.fromkeys(self.input_fields + (self.target_field,)):
+            value = row.get(name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return f"missing field {name!r} (need {self.field_names()})"
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                return f"field {name!r} must be a string, got {type(value).__name__}"
+        if self.answer_type == "number" and self.answer_value(row) is None:
+            return f"{self.target_field!r} has no number" + (" after '####'" if self.rationale else "")
+        if self.answer_type == "label" and canonical_label(row[self.target_field], self.labels) is None:
+            return f"label {row[self.target_field]!r} is not one of {self.labels}"
+        return None
+
+    # --- student side -----------------------------------------------------------------------------------
+    def prompt(self, row):
+        return fill(self.instruction, {**{k: row.get(k, "") for k in self.input_fields}, "labels": self.label_text()},
+                    f"instruction of task {self.name}")
+
+    def response(self, row):
+        return self.gold(row) if self.answer_type == "label" else str(row[self.target_field]).strip()
+
+    def answer_value(self, row):
+        target = str(row[self.target_field])
+        if self.rationale:
+            return extract_number(target) if "####" in target else None
+        return parse_number(target)
+
+    def gold(self, row):
+        if self.answer_type == "number":
+            return format_number(self.answer_value(row))
+        if self.answer_type == "label":
+            return canonical_label(row[self.target_field], self.labels) or str(row[self.target_field])
+        return str(row[self.target_field]).strip()
+
+    def extract(self, text):
+        if self.answer_type == "number":
+            value = extract_number(text)
+            return None if value is None else format_number(value)
+        if self.answer_type == "label":
+            return match_label(text, self.labels)
+        text = re.sub(r"^\s*(?:\*\*)?(?:final )?(?:answer|output)(?:\*\*)?\s*:\s*", "", str(text), flags=re.I)
+        return text.strip() or None
+
+    def is_correct(self, text, row):
+        if self.answer_type == "number":
+            return extract_number(text) == self.answer_value(row)
+        answer = self.extract(text)
+        if answer is None:
+            return False
+        if self.answer_type == "label":
+            return answer == self.gold(row)
+        return normalize_text(answer) == normalize_text(self.gold(row))
+
+    def stratify_key(self, row):
+        return self.gold(row) if self.answer_type == "label" else None
+
+    def label_text(self):
+        return ", ".join(self.labels or [])
+
+    # --- teacher side -----------------------------------------------------------------------------------
+    def format_item(self, row):
+        """A row in the teacher's reply format (without the item number)."""
+        lines = []
+        for key, name in self.reply_keys:
+            value = self.gold(row) if name == self.target_field and self.answer_type == "label" else row.get(name, "")
+            lines.append(f"{key}: {str(value).strip()}")
+        return "\n".join(lines)
+
+    def teacher_messages(self, row, n, student_answer=None):
+        path = PROMPTS_DIR / self.prompt_file
+        if not path.exists():
+            raise TaskError(f"{path}: prompt file missing; restore it from the repository")
+        sections = read_prompt_file(str(path))
+        values = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
+        values.update(n=n, example=self.format_item(row), labels=self.label_text(), gold=self.gold(row),
+                      student_answer="" if student_answer is None else student_answer)
+        user = fill(sections["user"], values, path)
+        if student_answer is not None and sections.get("student"):
+            user += "\n\n" + fill(sections["student"], values, path)
+        return [{"role": "system", "content": fill(sections["system"], values, path)},
+                {"role": "user", "content": user}]
+
+    def parse_reply(self, text, truncated=False):
+        """(rows in native format, [(reason, raw text)]) from a teacher reply; structure only, see validate()."""
+        keys = [key for key, _ in self.reply_keys]
+        items = split_items(text, keys)
+        rows, rejected = [], []
+        if not items:
+            return [], ([("unparseable", str(text).strip())] if str(text).strip() else [])
+        if truncated:  # generation hit max_tokens: the last item is cut off mid-way
+            rejected.append(("truncated", items.pop()[1]))
+        for item, raw in items:
+            if any(not item.get(key) for key in keys):
+                rejected.append(("missing_field", raw))
+                continue
+            row = {}
+            for key, name in self.reply_keys:
+                value = item[key]
+                # cut trailing chatter and headers of the next item: a rationale ends at its "#### N" line, a
+                # label is one line, anything else one paragraph
+                if self.rationale and name == self.target_field:
+                    value = re.sub(r"(?m)^[ \t]*####", "####", value)
+                    final = re.search(r"^####[^\n]*", value, re.M)
+                    value = value[:final.end()] if final else value
+                elif name == self.target_field and self.answer_type == "label":
+                    value = value.split("\n")[0].strip()
+                    value = canonical_label(value, self.labels) or value
+                else:
+                    value = value.split("\n\n")[0].strip()
+                row[name] = value
+            rows.append(row)
+        return rows, rejected
+
+    def validate(self, row):
+        """A short rejection reason for a generated row, or None if it is usable."""
+        for name in dict.fromkeys(self.input_fields + (self.target_field,)):
+            if not str(row.get(name, "")).strip():
+                return "missing_field"
+        if self.answer_type == "number" and self.answer_value(row) is None:
+            return "not_a_number"
+        if self.answer_type == "label" and str(row[self.target_field]) not in self.labels:
+            return "bad_label"
+        if self.rationale:
+            return check_calculations(str(row[self.target_field]))
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in tasks.
+
+def _classification(name, labels, instruction):
+    return Task(name=name, answer_type="label", labels=labels, input_fields=("text",), target_field="label",
+                instruction=instruction, reply_keys=(("Text", "text"), ("Label", "label")),
+                prompt_file=f"{name}.txt")
+
+
+SNIPS_LABELS = ["AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
+                "SearchScreeningEvent"]
+CASEHOLD_INSTRUCTION = ("Which holding fits the <HOLDING> in this citing text? Answer with its number (0-4).\n\n"
+                        "{citing_prompt}\n\n" + "\n".join(f"({i}) {{holding_{i}}}" for i in range(5)))
+
+TASKS = {
+    "gsm8k": Task(name="gsm8k", answer_type="number", labels=None, input_fields=("question",),
+                  target_field="answer", instruction="{question}", rationale=True,
+                  reply_keys=(("Question", "question"), ("Answer", "answer")), prompt_file="gsm8k.txt"),
+    "sst2": _classification("sst2", ["negative", "positive"],
+                            "Is the sentiment of this movie review negative or positive?\n\n{text}"),
+    "trec": _classification("trec", ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
+                            "Classify the type of answer this question asks for: ABBR (abbreviation), "
+                            "DESC (description), ENTY (entity), HUM (human), LOC (location) or NUM (numeric)."
+                            "\n\n{text}"),
+    "snips": _classification("snips", SNIPS_LABELS, "Classify the intent of this request as one of {labels}."
+                             "\n\n{text}"),
+    "casehold": Task(name="casehold", answer_type="label", labels=["0", "1", "2", "3", "4"],
+                     input_fields=("citing_prompt",) + tuple(f"holding_{i}" for i in range(5)),
+                     target_field="label", instruction=CASEHOLD_INSTRUCTION,
+                     reply_keys=(("Citing prompt", "citing_prompt"),)
+                     + tuple((f"Holding {i}", f"holding_{i}") for i in range(5)) + (("Answer", "label"),),
+                     prompt_file="casehold.txt"),
+}
+KNOWN = sorted(TASKS)
+
+
+def get_task(name_or_path, test_file=None, answer_type="exact", labels=None):
+    """A built-in task by name, or a user's own task from a JSONL train file of {"input", "output"} rows.
+
+    A user's own task: `test_file` is its test split (another JSONL file of the same shape); answer_type is
+    "exact" (outputs compared after case/space/punctuation normalization), "number" (the last number, or the
+    one after "####", compared numerically) or "label" (the label named first in the generation; labels are the
+    distinct outputs of the train file unless `labels` is given).
+    """
+    if name_or_path in TASKS:
+        return TASKS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix != ".jsonl":
+        raise TaskError(f"unknown task {name_or_path!r}: use one of {', '.join(KNOWN)}, "
+                        f"or a path to your own train .jsonl file with {{\"input\": ..., \"output\": ...}} rows")
+    if not path.exists():
+        raise TaskError(f"{path}: file not found (a user's own task needs an existing train .jsonl file)")
+    if answer_type not in ("exact", "number", "label"):
+        raise TaskError(f"answer type {answer_type!r} is not one of exact, number, label")
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", path.stem if path.stem not in ("train", "test") else path.parent.name)
+    # label tasks without a given label set read the train outputs first (as exact), then become label tasks
+    read_labels = answer_type == "label" and not labels
+    task = Task(name=name or "custom", answer_type="exact" if read_labels else answer_type,
+                labels=[str(label) for label in labels] if labels else None, input_fields=("input",),
+                target_field="output", instruction="{input}", reply_keys=(("Input", "input"), ("Output", "output")),
+                prompt_file="custom.txt", files={"train": str(path), "test": str(test_file) if test_file else None})
+    if read_labels:
+        task.answer_type, task.labels = "label", sorted({str(row["output"]).strip() for row in task.load("train")})
+    return task
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fetching public data on first use. Converted to the JSONL layout above and written atomically (temporary
+# file + rename) so an interrupted download never leaves a half file that later loads as a short dataset.
+
+RAW = "https://raw.githubusercontent.com"
+SOURCES = {
+    "gsm8k": {s: [f"{RAW}/openai/grade-school-math/master/grade_school_math/data/{s}.jsonl"]
+              for s in ("train", "test")},
+    # GLUE SST-2: its validation set serves as the test set (GLUE's test labels are private).
+    "sst2": {"train": [f"{RAW}/forest-snow/alps/master/data/SST-2/train.tsv"],
+             "test": [f"{RAW}/forest-snow/alps/master/data/SST-2/test.tsv"]},
+    "trec": {s: [f"{RAW}/harvardnlp/sent-conv-torch/master/data/raw/TREC.{s}.all"] for s in ("train", "test")},
+    "snips": {s: [f"{RAW}/MiuLab/SlotGated-SLU/master/data/snips/{s}/seq.in",
+                  f"{RAW}/MiuLab/SlotGated-SLU/master/data/snips/{s}/label"] for s in ("train", "test")},
+}
+
+
+def convert_gsm8k(texts):
+    return [{"question": r["question"], "answer": r["answer"]} for r in map(json.loads, texts[0].splitlines())
+            if r]
+
+
+def convert_sst2(texts):
+    """GLUE TSV "sentence<TAB>label" with 0/1 labels and a header line."""
+    rows = []
+    for line in texts[0].splitlines()[1:]:
+        sentence, _, label = line.rpartition("\t")
+        if sentence.strip():
+            rows.append({"text": sentence.strip(), "label": ["negative", "positive"][int(label)]})
+    return rows
+
+
+def convert_trec(texts):
+    """Lines "DESC:manner How did serfdom develop ... ?"."""
+    rows = []
+    for line in texts[0].splitlines():
+        fine, _, text = line.strip().partition(" ")
+        if text:
+            rows.append({"text": text, "label": fine.split(":")[0], "fine_label": fine})
+    return rows
+
+
+def convert_snips(texts):
+    """Parallel files: seq.in (one utterance per line) and label (one intent per line)."""
+    utterances, labels = texts[0].splitlines(), texts[1].splitlines()
+    if len(utterances) != len(labels):
+        raise ValueError(f"{len(utterances)} utterances but {len(labels)} labels")
+    return [{"text": t.strip(), "label": l.strip()} for t, l in zip(utterances, labels) if t.strip()]
+
+
+CONVERTERS = {"gsm8k": convert_gsm8k, "sst2": convert_sst2, "trec": convert_trec, "snips": convert_snips}
+
+
+def download(url, desc):
+    import requests
+    from tqdm import tqdm
+
+    with requests.get(url, stream=True, timeout=60) as reply:
+        reply.raise_for_status()
+        total = int(reply.headers.get("content-length") or 0) or None
+        chunks = []
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
+            for chunk in reply.iter_content(1 << 16):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # the TREC files are Latin-1
+        return data.decode("latin-1")
+
+
+def fetch(task, split, path):
+    """Download `split` of a built-in task to `path`, or raise TaskError saying which file to put where."""
+    need = f"Put it there by hand: JSONL, one object per line with {task.field_names()}."
+    if task.name == "casehold":
+        raise TaskError(f"{path} is missing. CaseHOLD is distributed only on the Hugging Face Hub "
+                        f"(dataset 'casehold/casehold'); export its '{split}' split to {path} as JSONL, one object "
+                        f"per line with citing_prompt, holding_0, ..., holding_4 and label (0-4).")
+    if split not in SOURCES.get(task.name, {}):
+        raise TaskError(f"{path} is missing and there is no public source for split {split!r}. {need}")
+    try:
+        rows = CONVERTERS[task.name]([download(url, f"{task.name} {split}") for url in SOURCES[task.name][split]])
+    except Exception as e:  # network, HTTP or format failure: all end the same way for the user
+        raise TaskError(f"{path} is missing and downloading it from {SOURCES[task.name][split][0]} failed "
+                        f"({type(e).__name__}: {e}). {need}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seed sampling. Stratified for classification so a 1% seed of TREC still contains its rare ABBR class;
+# deterministic for a fixed seed; returned in file order so the seed file reads like the source.
+
+def sample_seed(task, rows, size=None, frac=None, seed=0):
+    if size is not None and frac is not None:
+        raise TaskError("give a seed size or a seed fraction, not both")
+    if frac is not None:
+        if not 0 < frac <= 1:
+            raise TaskError(f"seed fraction must be in (0, 1], got {frac}")
+        size = round(frac * len(rows))
+    size = len(rows) if size is None else int(size)
+    if size > len(rows):
+        raise TaskError(f"asked for {size} seed examples but {task.name} has only {len(rows)} training rows")
+    if size <= 0:
+        raise TaskError(f"the seed set would be empty ({task.name} has {len(rows)} training rows); "
+                        f"use a larger seed size or fraction")
+    rng = random.Random(seed)
+    groups = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(task.stratify_key(row), []).append(index)
+    if len(groups) == 1:
+        return [rows[i] for i in sorted(rng.sample(range(len(rows)), size))]
+    # proportional shares, rounded by largest remainder so they sum to `size`; then every class gets at least
+    # one example when there is room, taken from the largest share
+    keys = sorted(groups, key=str)
+    exact = {k: size * len(groups[k]) / len(rows) for k in keys}
+    take = {k: int(exact[k]) for k in keys}
+    for k in sorted(keys, key=lambda k: exact[k] - take[k], reverse=True)[:size - sum(take.values())]:
+        take[k] += 1
+    if size >= len(keys):
+        for k in keys:
+            if take[k] == 0:
+                take[max(keys, key=lambda j: take[j])] -= 1
+                take[k] = 1
+    chosen = []
+    for k in keys:
+        chosen += rng.sample(groups[k], take[k])
+    return [rows[i] for i in sorted(chosen)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Filtering generated rows. Near-duplicates: Jaccard similarity of the sets of word bigrams of the main text
+# (lowercase alphanumeric words, with start/end markers so one-word texts have bigrams too). At the default
+# 0.7, changing a number or two in a 40-word problem is still a near-duplicate; changing names and numbers
+# throughout is not. Prefix filtering over an inverted index keeps this exact and fast: a text B with
+# J(A, B) >= t shares at least ceil(t*|A|) bigrams with A, so it shares one of A's |A|-ceil(t*|A|)+1 rarest
+# bigrams, and only the (short) postings of those are scanned.
+
+NEAR_DUPLICATE_THRESHOLD = 0.7
+
+
+def bigrams(text):
+    words = ["<s>"] + _words(text) + ["</s>"]
+    return frozenset(zip(words, words[1:])) if len(words) > 2 else frozenset()
+
+
+def jaccard(a, b):
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+class NearDuplicateIndex:
+    """Texts added so far, searchable for one with bigram Jaccard similarity >= threshold."""
+
+    def __init__(self, texts=(), threshold=NEAR_DUPLICATE_THRESHOLD):
+        self.threshold, self.sets, self.postings = threshold, [], {}
+        for text in texts:
+            self.add(text)
+
+    def add(self, text):
+        grams = bigrams(text)
+        for gram in grams:
+            self.postings.setdefault(gram, []).append(len(self.sets))
+        self.sets.append(grams)
+
+    def find(self, text):
+        """Index of an added text at least `threshold` similar to `text`, or None."""
+        grams = bigrams(text)
+        if not grams:
+            return None
+        rarest = sorted(grams, key=lambda g: len(self.postings.get(g, ())))
+        prefix = len(grams) - math.ceil(self.threshold * len(grams) - 1e-9) + 1
+        seen = set()
+        for gram in rarest[:prefix]:
+            for other in self.postings.get(gram, ()):
+                if other not in seen:
+                    seen.add(other)
+                    if jaccard(grams, self.sets[other]) >= self.threshold:
+                        return other
+        return None
+
+
+def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUPLICATE_THRESHOLD):
+    """(accepted, rejected) candidates; rejected rows are {"parent_id", "reason", "text"}.
+
+    Checked in order: validate() (missing_field, not_a_number, bad_label, bad_calculation); test_overlap (same
+    or near-duplicate main text as a test row: decontamination); duplicate (same normalized main text as a
+    training row or an earlier candidate); near_duplicate (similarity >= threshold to either).
+    """
+    def text(row):
+        return str(row.get(task.input_fields[0], ""))
+
+    test_exact = {normalize_text(text(r)) for r in test_rows}
+    test_near = NearDuplicateIndex(map(text, test_rows), threshold)
+    known_exact = {normalize_text(text(r)) for r in known_rows}
+    known_near = NearDuplicateIndex(map(text, known_rows), threshold)
+    accepted, rejected = [], []
+    for row in candidates:
+        key = normalize_text(text(row))
+        reason = task.validate(row)
+        if reason is None and (key in test_exact or test_near.find(text(row)) is not None):
+            reason = "test_overlap"
+        elif reason is None and key in known_exact:
+            reason = "duplicate"
+        elif reason is None and known_near.find(text(row)) is not None:
+            reason = "near_duplicate"
+        if reason:
+            rejected.append({"parent_id": row.get("parent_id"), "reason": reason, "text": task.format_item(row)})
+            continue
+        accepted.append(row)
+        known_exact.add(key)
+        known_near.add(text(row))
+    return accepted, rejected
