@@ -1,0 +1,358 @@
+"""The teacher client: asks any OpenAI-compatible chat endpoint for completions, many at once, safely.
+
+LLM2LLM's teacher writes new training examples from the seed examples the student got wrong. This module is the
+only code that talks to it. It is plain HTTP (requests) plus a thread pool, built to survive a real network:
+
+  * retries with exponential backoff and jitter on connection errors, timeouts, 408, 429 and 5xx, honouring
+    Retry-After; a hard cap on attempts, after which the job ends as a reported failure (never an exception);
+  * a content-addressed on-disk cache, so rerunning or resuming an experiment never repeats a paid call;
+  * token and request accounting, and an optional token budget after which no new request is sent.
+
+Usage:
+
+    from teacher import Teacher, check_reachable
+    check_reachable("http://127.0.0.1:8000/v1")                      # fail fast with a clear message
+    t = Teacher("https://api.openai.com/v1", "gpt-4o-mini", cache_dir="runs/x/teacher_cache", workers=8)
+    results = t.chat_many([{"messages": [{"role": "user", "content": "Write 3 math word problems."}]}])
+    results[0]["choices"][0]["text"], results[0]["error"], t.prompt_tokens, t.completion_tokens, t.requests
+
+The API key is read from an environment variable (OPENAI_API_KEY unless told otherwise) at the moment of each
+request. It is sent only as an Authorization header and is never stored on the object, printed, logged, put in an
+error message or written to disk. Teacher replies are untrusted text: this module returns them as strings and
+nothing in the project evaluates them.
+"""
+
+import email.utils
+import hashlib
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import requests
+from tqdm import tqdm
+
+BUDGET_SPENT = "teacher token budget spent"
+
+# -----------------------------------------------------------------------------
+# The cache key: everything that determines a reply, and nothing else.
+# The URL is deliberately NOT part of the key: the embedded server (serve.py) gets a new port on every run, and a
+# resumed experiment must hit the cache instead of paying again. Two endpoints serving the same model name are
+# therefore treated as interchangeable, which is what a user pointing at a new host for the same model wants.
+
+
+def cache_key(model, messages, temperature, top_p, max_tokens, n, seed, sample):
+    """sha256 of the canonical JSON of a request. `sample` keeps repeated asks with the same seed distinct."""
+    fields = {"model": model, "messages": messages, "temperature": temperature, "top_p": top_p,
+              "max_tokens": max_tokens, "n": n, "seed": seed, "sample": sample}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _cache_path(cache_dir, key):
+    # Two-character fan-out keeps directories small when a run caches tens of thousands of replies.
+    return os.path.join(cache_dir, key[:2], key + ".json")
+
+
+def _read_cache(cache_dir, key):
+    if not cache_dir:
+        return None
+    try:
+        with open(_cache_path(cache_dir, key), encoding="utf-8") as f:
+            entry = json.load(f)
+        if isinstance(entry.get("choices"), list) and entry["choices"]:
+            return entry
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or damaged (e.g. a crash from an older version mid-write): ask again and overwrite
+    return None
+
+
+def _write_cache(cache_dir, key, entry):
+    # Write to a temporary file in the same directory, then rename: a crash never leaves half a JSON file behind.
+    path = _cache_path(cache_dir, key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entry, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+# -----------------------------------------------------------------------------
+# Retry policy. Transient failures (network, overload, rate limits, garbled replies) are retried; a request the
+# server says is wrong (400, 401, 404, ...) will not become right by asking again, so it fails at once.
+
+RETRYABLE_STATUS = {408, 429}  # plus every 5xx
+
+
+def parse_retry_after(value, cap):
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped; None if absent/garbled."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap)
+
+
+def _backoff_delay(attempt, base, cap):
+    # Exponential growth with jitter in [d/2, d], so many workers hitting one rate limit do not retry in lockstep.
+    d = min(cap, base * 2 ** (attempt - 1))
+    return d * (0.5 + 0.5 * random.random())
+
+
+def _error_snippet(resp):
+    """The server's own error message if it sent one (OpenAI shape), else the start of the body."""
+    try:
+        body = resp.json()
+        msg = body.get("error", body) if isinstance(body, dict) else body
+        if isinstance(msg, dict):
+            msg = msg.get("message", msg)
+        text = str(msg)
+    except ValueError:
+        text = resp.text
+    return " ".join(text.split())[:300]
+
+
+def _parse_reply(body):
+    """OpenAI chat.completion JSON -> (choices, prompt_tokens, completion_tokens); raises ValueError if malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+        raise ValueError("reply has no choices")
+    choices = []
+    for c in sorted(body["choices"], key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
+        message = c.get("message") if isinstance(c, dict) else None
+        if not isinstance(message, dict):
+            raise ValueError("reply choice has no message")
+        text = message.get("content")
+        if text is None:
+            text = ""  # some servers send null content (e.g. everything went to hidden reasoning)
+        if not isinstance(text, str):
+            raise ValueError("reply message content is not a string")
+        choices.append({"text": text, "finish_reason": c.get("finish_reason") or "stop"})
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    # Servers that report no usage are counted as 0 tokens; the budget then cannot protect you, so say so upstream.
+    return choices, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+# -----------------------------------------------------------------------------
+# The client
+
+
+class Teacher:
+    """An OpenAI-compatible chat client with retries, an on-disk cache, token accounting and a token budget.
+
+    The object owns the HTTP sessions (one per worker thread), the cache directory and the counters:
+      prompt_tokens, completion_tokens  -- tokens of NEW (non-cached) replies, summed over all calls
+      requests                          -- real HTTP requests sent (retries included, cache hits excluded)
+      budget_exhausted                  -- True once budget_tokens was reached and jobs were refused
+    With several workers the budget can be overshot by the replies already in flight when it runs out.
+    """
+
+    def __init__(self, url, model, *, api_key_env="OPENAI_API_KEY", cache_dir=None, workers=4, max_attempts=6,
+                 timeout=120.0, budget_tokens=None, temperature=0.7, top_p=1.0, max_tokens=1024, seed=0,
+                 backoff=1.0, max_backoff=30.0):
+        if max_attempts < 1 or workers < 1:
+            raise ValueError("Teacher needs workers >= 1 and max_attempts >= 1")
+        self.url = url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env  # the variable's NAME; its value is read per request and never kept
+        self.cache_dir = cache_dir
+        self.workers = workers
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.budget_tokens = budget_tokens
+        self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.requests = 0
+        self.budget_exhausted = False
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __repr__(self):
+        return f"Teacher(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    # -- public -------------------------------------------------------------
+
+    def chat_many(self, jobs, progress=True):
+        """Run chat jobs concurrently; returns one result per job, in the order of `jobs`.
+
+        job:    {"messages": [{"role", "content"}, ...], "sample": int = 0, optional "n", "temperature",
+                 "top_p", "max_tokens"}
+        result: {"choices": [{"text", "finish_reason"}], "prompt_tokens", "completion_tokens", "cache_key",
+                 "cached": bool, "error": str | None, "attempts": int}
+        A failed job has choices == [] and a message in "error"; it never raises. finish_reason "length" means the
+        reply was cut off by max_tokens, so its last item is incomplete.
+        """
+        requests_ = [self._prepare(i, job) for i, job in enumerate(jobs)]
+        # Identical jobs in one batch are asked once: the second copy would be a paid duplicate of the first.
+        by_key, copies = {}, {}
+        for r in requests_:
+            by_key.setdefault(r["key"], r)
+            copies[r["key"]] = copies.get(r["key"], 0) + 1
+        results = {}
+        bar = tqdm(total=len(jobs), desc="teacher", unit="req", disable=not progress, dynamic_ncols=True)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            futures = {pool.submit(self._run, r): key for key, r in by_key.items()}
+            for fut in as_completed(futures):
+                key = futures[fut]
+                results[key] = fut.result()  # _run never raises for request trouble; a bug here should be loud
+                bar.update(copies[key])
+                bar.set_postfix(tokens=self.prompt_tokens + self.completion_tokens, refresh=False)
+        bar.close()
+        return [dict(results[r["key"]], choices=[dict(c) for c in results[r["key"]]["choices"]]) for r in requests_]
+
+    # -- internals ------------------------------------------------------------
+
+    def _prepare(self, index, job):
+        if not isinstance(job, dict) or not isinstance(job.get("messages"), list) or not job["messages"]:
+            raise ValueError(f"teacher job {index}: expected a dict with a non-empty 'messages' list, got {job!r:.200}")
+        for m in job["messages"]:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"teacher job {index}: each message needs string 'role' and 'content', got {m!r:.200}")
+        sample = int(job.get("sample", 0))
+        params = {
+            "temperature": job.get("temperature", self.temperature),
+            "top_p": job.get("top_p", self.top_p),
+            "max_tokens": job.get("max_tokens", self.max_tokens),
+            "n": int(job.get("n", 1)),
+        }
+        # The seed sent is seed + sample, so samples differ from each other yet are reproducible. Servers that
+        # ignore seeds still get distinct cache keys through `sample`.
+        seed = None if self.seed is None else self.seed + sample
+        payload = {"model": self.model, "messages": job["messages"], **params}
+        if params["n"] == 1:
+            del payload["n"]  # some servers reject n; only send it when it matters
+        if seed is not None:
+            payload["seed"] = seed
+        key = cache_key(self.model, job["messages"], params["temperature"], params["top_p"], params["max_tokens"],
+                        params["n"], self.seed, sample)
+        return {"key": key, "payload": payload}
+
+    def _session(self):
+        s = getattr(self._local, "session", None)
+        if s is None:  # requests.Session is not guaranteed thread-safe, so each worker thread keeps its own
+            s = self._local.session = requests.Session()
+        return s
+
+    def _headers(self):
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _scrub(self, text):
+        # Some servers echo the credential back in error messages; make sure it never reaches our errors or logs.
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return text.replace(key, "***") if key else text
+
+    def _budget_left(self):
+        with self._lock:
+            if self.budget_tokens is not None and self.prompt_tokens + self.completion_tokens >= self.budget_tokens:
+                self.budget_exhausted = True
+                return False
+            return True
+
+    def _run(self, req):
+        key, payload = req["key"], req["payload"]
+        result = {"choices": [], "prompt_tokens": 0, "completion_tokens": 0, "cache_key": key,
+                  "cached": False, "error": None, "attempts": 0}
+        entry = _read_cache(self.cache_dir, key)
+        if entry is not None:  # recorded usage is kept for the report, but no new tokens were spent
+            return dict(result, choices=entry["choices"], prompt_tokens=entry.get("prompt_tokens", 0),
+                        completion_tokens=entry.get("completion_tokens", 0), cached=True)
+
+        last_error = "no attempt made"
+        for attempt in range(1, self.max_attempts + 1):
+            if not self._budget_left():
+                return dict(result, error=BUDGET_SPENT)
+            result["attempts"] = attempt
+            retry_after = None
+            with self._lock:
+                self.requests += 1
+            try:
+                resp = self._session().post(f"{self.url}/chat/completions", json=payload, headers=self._headers(),
+                                            timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as e:  # dropped or stalled connections
+                last_error = f"{type(e).__name__}: {e}"
+            except requests.RequestException as e:  # a bad URL and the like: asking again cannot help
+                return dict(result, error=self._scrub(f"request failed: {type(e).__name__}: {e}"))
+            else:
+                if resp.status_code == 200:
+                    try:
+                        choices, pt, ct = _parse_reply(resp.json())
+                    except (ValueError, TypeError) as e:  # garbled or truncated body: treat as transient
+                        last_error = f"malformed reply: {e}"
+                    else:
+                        with self._lock:
+                            self.prompt_tokens += pt
+                            self.completion_tokens += ct
+                        if self.cache_dir:  # the request is stored beside the reply so a cache file is auditable
+                            try:
+                                _write_cache(self.cache_dir, key, {"request": payload, "choices": choices,
+                                                                   "prompt_tokens": pt, "completion_tokens": ct})
+                            except OSError as e:  # a full disk must not throw away a reply that was paid for
+                                tqdm.write(f"warning: could not cache a teacher reply in {self.cache_dir}: {e}")
+                        return dict(result, choices=choices, prompt_tokens=pt, completion_tokens=ct)
+                else:
+                    last_error = f"HTTP {resp.status_code}: {_error_snippet(resp)}"
+                    if resp.status_code not in RETRYABLE_STATUS and resp.status_code < 500:
+                        hint = f" (check ${self.api_key_env})" if resp.status_code in (401, 403) else ""
+                        return dict(result, error=self._scrub(last_error + hint))
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.max_backoff)
+            if attempt < self.max_attempts:
+                time.sleep(retry_after if retry_after is not None
+                           else _backoff_delay(attempt, self.backoff, self.max_backoff))
+        return dict(result, error=self._scrub(f"gave up after {self.max_attempts} attempts; last error: {last_error}"))
+
+# -----------------------------------------------------------------------------
+# Fail fast at start-up: a typo in the URL should cost one second, not a trained student and then a crash.
+
+
+def check_reachable(url, api_key_env="OPENAI_API_KEY", timeout=10.0):
+    """GET {url}/models; returns the served model ids, or raises RuntimeError with a message saying what to do."""
+    url = url.rstrip("/")
+    headers = {}
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        resp = requests.get(f"{url}/models", headers=headers, timeout=timeout)
+    except requests.RequestException as e:
+        raise RuntimeError(
+            f"cannot reach the teacher at {url} ({type(e).__name__}). Is the server running and is the URL the "
+            f"OpenAI-compatible base, ending in /v1 (e.g. http://127.0.0.1:8000/v1)? To serve a local model: "
+            f"python llm2llm.py serve --model PATH_OR_ID") from None
+    if resp.status_code in (401, 403):
+        env = f"${api_key_env}" if api_key_env else "an API key variable"
+        raise RuntimeError(f"the teacher at {url} rejected the request (HTTP {resp.status_code}); "
+                           f"set {env} to a valid API key" + ("" if key else f" ({env} is not set)"))
+    if resp.status_code != 200:
+        text = _error_snippet(resp).replace(key, "***") if key else _error_snippet(resp)
+        raise RuntimeError(f"the teacher at {url} answered GET /models with HTTP {resp.status_code}: {text}. "
+                           f"Check that the URL is the OpenAI-compatible base ending in /v1.")
+    try:
+        data = resp.json().get("data", [])
+        return [m["id"] for m in data if isinstance(m, dict) and "id" in m]
+    except (ValueError, AttributeError):
+        return []  # reachable but odd listing (some servers): chat requests will tell us more
