@@ -48,7 +48,7 @@ class TaskError(Exception):
 # 12), "$-5" and "-5" are negative. Floats would make 0.1+0.2 != 0.3 and string compare would make 3.0 != 3.
 
 NUMBER_RE = re.compile(
-    r"(?<![\w.,])"                             # not the tail of a word, a decimal or a digit group
+    r"(?<![\w.])"                              # not the tail of a word or a decimal
     r"(?P<neg>[-\u2212]\s?)?\$?\s?(?P<neg2>[-\u2212])?"
     r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+|(?=\.\d))"  # 1,200 (thousands groups), 1200, or none in .5
     r"(?P<dec>\.\d+)?"
@@ -361,8 +361,8 @@ class Task:
 
     def answer_value(self, row):
         target = str(row[self.target_field])
-        if self.rationale:
-            return extract_number(target) if "####" in target else None
+        if self.rationale:  # gold and teacher rationales must state the number on their "####" line
+            return parse_number(target.split("####")[-1].split("\n")[0]) if "####" in target else None
         return parse_number(target)
 
     def gold(self, row):
