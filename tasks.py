@@ -36,6 +36,9 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+import requests
+from tqdm import tqdm
+
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
@@ -296,7 +299,6 @@ class Task:
     prompt_file: str                      # prompts/<name>.txt
     rationale: bool = False               # target is a worked solution ending in "#### N" (gsm8k)
     files: dict = field(default_factory=dict)   # split -> path, for a user's own task
-    fetch_hint: str = ""                  # what to do when the data file is missing
 
     # --- data -----------------------------------------------------------------------------------------
     def path(self, split, data_dir):
@@ -334,12 +336,16 @@ class Task:
             raise TaskError(f"{path}: no rows; expected one JSON object per line with {self.field_names()}")
         return rows
 
+    def fields(self):
+        """The native fields every row needs, in order."""
+        return tuple(dict.fromkeys(self.input_fields + (self.target_field,)))
+
     def field_names(self):
-        return ", ".join(dict.fromkeys(self.input_fields + (self.target_field,)))
+        return ", ".join(self.fields())
 
     def validate_fields(self, row):
         """A user-facing description of what is wrong with a loaded row, or None."""
-        for name in dict.fromkeys(self.input_fields + (self.target_field,)):
+        for name in self.fields():
             value = row.get(name)
             if value is None or (isinstance(value, str) and not value.strip()):
                 return f"missing field {name!r} (need {self.field_names()})"
@@ -453,7 +459,7 @@ class Task:
 
     def validate(self, row):
         """A short rejection reason for a generated row, or None if it is usable."""
-        for name in dict.fromkeys(self.input_fields + (self.target_field,)):
+        for name in self.fields():
             if not str(row.get(name, "")).strip():
                 return "missing_field"
         if self.answer_type == "number" and self.answer_value(row) is None:
@@ -549,8 +555,8 @@ SOURCES = {
 
 
 def convert_gsm8k(texts):
-    return [{"question": r["question"], "answer": r["answer"]} for r in map(json.loads, texts[0].splitlines())
-            if r]
+    rows = [json.loads(line) for line in texts[0].splitlines() if line.strip()]
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
 
 def convert_sst2(texts):
@@ -585,9 +591,6 @@ CONVERTERS = {"gsm8k": convert_gsm8k, "sst2": convert_sst2, "trec": convert_trec
 
 
 def download(url, desc):
-    import requests
-    from tqdm import tqdm
-
     with requests.get(url, stream=True, timeout=60) as reply:
         reply.raise_for_status()
         total = int(reply.headers.get("content-length") or 0) or None
@@ -718,6 +721,9 @@ class NearDuplicateIndex:
 
 def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUPLICATE_THRESHOLD):
     """(accepted, rejected) candidates; rejected rows are {"parent_id", "reason", "text"}.
+
+    Builds its indexes from known_rows and test_rows on each call (about a second for 10k rows): call it once
+    per iteration with all candidates, which also makes earlier candidates count as known for later ones.
 
     Checked in order: validate() (missing_field, not_a_number, bad_label, bad_calculation); test_overlap (same
     or near-duplicate main text as a test row: decontamination); duplicate (same normalized main text as a

@@ -404,7 +404,8 @@ def test_load_real_files(name, n_train, n_test):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"text": "ok", "label": "positive"}', "", '{"text": "bad", "label": positive}'], r"train.jsonl:3: not valid JSON"),
+    (['{"text": "ok", "label": "positive"}', "", '{"text": "bad", "label": positive}'],
+     r"train.jsonl:3: not valid JSON"),
     (['{"text": "ok", "label": "positive"}', '["text", "label"]'], r"train.jsonl:2: expected a JSON object"),
     (['{"text": "ok"}'], r"train.jsonl:1: missing field 'label'"),
     (['{"text": "ok", "label": "meh"}'], r"train.jsonl:1: label 'meh' is not one of"),
@@ -467,10 +468,12 @@ def test_own_task_label_and_number(tmp_path):
     task = get_task(str(data), answer_type="label")
     assert task.name == "spam" and task.labels == ["ham", "spam"]
     assert task.extract("Label: SPAM.") == "spam" and task.stratify_key({"output": "ham"}) == "ham"
-    assert get_task(str(data), answer_type="label", labels=["spam", "ham", "unsure"]).labels == ["spam", "ham", "unsure"]
+    given = ["spam", "ham", "unsure"]
+    assert get_task(str(data), answer_type="label", labels=given).labels == given
     with pytest.raises(TaskError, match="no test file"):
         task.load("test")
-    nums = write_jsonl(tmp_path / "sums.jsonl", [{"input": "2+2", "output": "4"}, {"input": "half of 3", "output": "1.5"}])
+    nums = write_jsonl(tmp_path / "sums.jsonl", [{"input": "2+2", "output": "4"},
+                                                 {"input": "half of 3", "output": "1.5"}])
     task = get_task(str(nums), answer_type="number")
     rows = task.load("train")
     assert task.is_correct("The result is 4.0", rows[0]) and task.is_correct("3/2", rows[1])
@@ -504,7 +507,8 @@ RAW_FILES = {
 
 
 @pytest.mark.parametrize("name, first", [
-    ("trec", {"text": "How did serfdom develop in and then leave Russia ?", "label": "DESC", "fine_label": "DESC:manner"}),
+    ("trec", {"text": "How did serfdom develop in and then leave Russia ?", "label": "DESC",
+              "fine_label": "DESC:manner"}),
     ("sst2", {"text": "hide new secretions from the parental units", "label": "negative"}),
     ("snips", {"text": "listen to westbam alumb allergic on google music", "label": "PlayMusic"}),
     ("gsm8k", {"question": "q?", "answer": "2+2=<<2+2=4>>4\n#### 4"}),
