@@ -115,16 +115,23 @@ def _label_key(label):
     return "".join(_words(label))
 
 
-def match_label(text, labels):
-    """The label that occurs first in `text` (case, spacing and punctuation ignored), or None."""
+def labels_in(text, labels):
+    """The labels named in `text`, in order of appearance (case, spacing and punctuation ignored)."""
     keys = {_label_key(label): label for label in labels}
     longest = max((len(_words(label)) for label in labels), default=1) + 2  # "add to play list" spellings
-    words = _words(text)
-    for start in range(len(words)):
-        for end in range(min(len(words), start + longest), start, -1):
-            if "".join(words[start:end]) in keys:
-                return keys["".join(words[start:end])]
-    return None
+    words, found, start = _words(text), [], 0
+    while start < len(words):
+        end = next((end for end in range(min(len(words), start + longest), start, -1)
+                    if "".join(words[start:end]) in keys), None)
+        if end:
+            found.append(keys["".join(words[start:end])])
+        start = end or start + 1
+    return found
+
+
+def match_label(text, labels):
+    """The label named first in `text`, or None: "Sentiment: **Positive**." -> "positive"."""
+    return next(iter(labels_in(text, labels)), None)
 
 
 def canonical_label(value, labels):
@@ -450,7 +457,8 @@ class Task:
                     value = value[:final.end()] if final else value
                 elif name == self.target_field and self.answer_type == "label":
                     value = value.split("\n")[0].strip()
-                    value = canonical_label(value, self.labels) or value
+                    named = set(labels_in(value, self.labels))  # "(2)", "Holding 2" but not "positive/negative"
+                    value = canonical_label(value, self.labels) or (named.pop() if len(named) == 1 else value)
                 else:
                     value = value.split("\n\n")[0].strip()
                 row[name] = value

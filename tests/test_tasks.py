@@ -239,20 +239,24 @@ def test_parse_reply_missing_field():
 def test_parse_classification_reply():
     reply = ("Here are two new snippets:\n\n1. **Text:** a tedious , overlong mess\n**Label:** Negative\n\n"
              "2. Text: what a delight from start to finish\nLabel: positive\n\n"
-             "3. Text: it is neither good nor bad\nLabel: neutral\n\nLet me know if you need more.")
+             "3. Text: it is neither good nor bad\nLabel: neutral\n\n"
+             "4. Text: good in parts , dull in others\nLabel: positive/negative\n\nLet me know if you need more.")
     rows, rejected = SST2.parse_reply(reply)
     assert rejected == []
     assert rows[0] == {"text": "a tedious , overlong mess", "label": "negative"}
     assert rows[1]["label"] == "positive" and rows[2]["label"] == "neutral"
-    assert [SST2.validate(r) for r in rows] == [None, None, "bad_label"]
+    assert [SST2.validate(r) for r in rows] == [None, None, "bad_label", "bad_label"]
 
 
 def test_parse_casehold_reply():
-    reply = "Sure.\n\n1. " + CASEHOLD.format_item(casehold_row(label=4)) + "\n\n2. Citing prompt: only a prompt"
+    item = CASEHOLD.format_item(casehold_row(label=4))
+    reply = f"Sure.\n\n1. {item}\n\n2. {item.replace('Answer: 4', '**Answer:** (Holding 1)')}\n\n" \
+            f"3. {item.replace('Answer: 4', 'Answer: 1 or 2')}\n\n4. Citing prompt: only a prompt"
     rows, rejected = CASEHOLD.parse_reply(reply)
-    assert len(rows) == 1 and [r for r, _ in rejected] == ["missing_field"]
+    assert len(rows) == 3 and [r for r, _ in rejected] == ["missing_field"]
     assert rows[0] == {k: str(v) for k, v in casehold_row(label=4).items()}
-    assert CASEHOLD.validate(rows[0]) is None and CASEHOLD.gold(rows[0]) == "4"
+    assert [r["label"] for r in rows] == ["4", "1", "1 or 2"]
+    assert [CASEHOLD.validate(r) for r in rows] == [None, None, "bad_label"]
 
 
 # ------------------------------------------------------------------------------------------------------------
