@@ -2,8 +2,8 @@
 
 Two kinds of model behind it:
   * a tiny random Llama (2 layers, hidden 64) with a real byte-level BPE tokenizer and a ChatML template, saved and
-    reloaded through from_pretrained, decoded by llm2llm.generate when it exists (else by a reference decoder on
-    Hugging Face model.generate that honours the same contract): shapes, usage, greedy output, seeds;
+    reloaded through from_pretrained (conftest.py), decoded by llm2llm.generate: shapes, usage, greedy output against
+    Hugging Face generate, seeds; and the real SmolLM2-135M-Instruct (slow);
   * a scripted generate_fn with no model at all: batching, routing of replies, errors, bad requests.
 
 Run: python -m pytest -q tests/test_serve.py
@@ -24,77 +24,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import serve  # noqa: E402
 import teacher  # noqa: E402
+from llm2llm import generate  # noqa: E402
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime number."}]
 
 # -----------------------------------------------------------------------------
 # A tiny real model, built offline
 
 
-def reference_generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=32, temperature=0.0, top_p=1.0,
-                       seed=None, stop=None, details=False):
-    """The decoder contract on Hugging Face generate, one row at a time (so each row's seed alone decides it)."""
-    outs = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-        row_seed = seed[i] if isinstance(seed, list) else seed
-        if row_seed is not None:
-            torch.manual_seed(row_seed)
-        kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kw)
-        new = gen[0, ids["input_ids"].shape[1]:].tolist()
-        ended = tokenizer.eos_token_id in new
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        for s in stop or []:
-            if s in text:
-                text, ended = text[:text.index(s)], True
-        outs.append({"text": text, "prompt_tokens": ids["input_ids"].shape[1], "completion_tokens": len(new),
-                     "finish_reason": "stop" if ended else "length"})
-    return outs if details else [o["text"] for o in outs]
-
-
-def project_generate():
-    try:
-        import llm2llm
-        return llm2llm.generate
-    except (ImportError, AttributeError):
-        return reference_generate
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["You are terse. Name a prime number. Two, three, five and seven are prime.",
-              "The quick brown fox jumps over the lazy dog. 0123456789"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, tokenizer
+def tiny(tiny_llama_dir):  # conftest.py: a random 2-layer Llama with a byte-level BPE tokenizer and ChatML
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny):
     model, tokenizer = tiny
-    server = serve.make_server(model, tokenizer, project_generate(), model_name="tiny-llama", max_batch=8)
+    server = serve.make_server(model, tokenizer, generate, model_name="tiny-llama", max_batch=8)
     serve.start_background(server)
     yield server
     server.shutdown()
@@ -238,8 +186,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_reply(scripted):
     assert state["max_active"] == 1  # the model is never used by two threads at once
     # Everything queued behind the first request went in ONE batch, one generate call per temperature (rows
     # decode together only with the same settings): 3 calls for 8 requests.
-    assert [len(c["prompts"]) for c in state["calls"]] == [1, 8, 3]  # rows: n = 1 + i % 2
-    assert [c["temperature"] for c in state["calls"]] == [0.7, 0.7, 0.0]
+    # rows: n = 1 + i % 2; requests 1-5 sample at 0.7, 6-7 at 0.0
+    assert (state["calls"][0]["temperature"], len(state["calls"][0]["prompts"])) == (0.7, 1)
+    assert sorted((c["temperature"], len(c["prompts"])) for c in state["calls"][1:]) == [(0.0, 3), (0.7, 8)]
 
 
 def test_generation_error_is_a_500_for_its_own_requests_only(scripted):
@@ -260,7 +209,8 @@ def test_generation_error_is_a_500_for_its_own_requests_only(scripted):
             time.sleep(0.005)
         state["gate"].set()
         assert (first.result().status_code, bad.result().status_code, good.result().status_code) == (200, 500, 200)
-    assert [c["temperature"] for c in state["calls"]] == [0.3, 0.9, 0.3, 1.0]
+    temps = [c["temperature"] for c in state["calls"]]
+    assert temps[:2] == [0.3, 0.9] and sorted(temps[2:]) == [0.3, 1.0]  # the last two: one batch, two groups
     state["fail_at"] = set()
     assert ask(server, "fine", temperature=0.3).status_code == 200
 
@@ -341,3 +291,54 @@ def test_shutdown_stops_http_and_the_model_worker():
     never_served.shutdown()  # must not hang
     never_served.worker.join(5)
     assert not never_served.worker.is_alive()
+
+# -----------------------------------------------------------------------------
+# The command line, and the real model
+
+
+def test_cli_reports_a_bad_model_path_without_a_traceback(tmp_path, capsys):
+    assert serve.main(["--model", str(tmp_path / "no-such-model")], generate_fn=generate) == 2
+    err = capsys.readouterr().err
+    assert "could not load model" in err and "no-such-model" in err and "Traceback" not in err
+
+
+def test_cli_serves_until_interrupted(tiny_llama_dir):
+    import signal
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve.py")
+
+    proc = subprocess.Popen([sys.executable, script, "--model", str(tiny_llama_dir), "--port", "0",
+                             "--model-name", "cli-tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " at http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split(" at ", 1)[1].split()[0]
+        r = requests.post(url + "/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, "temperature": 0},
+                          timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "cli-tiny"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "POST /v1/chat/completions" in err and "You are terse" not in err  # one line, no message bodies
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_real_smollm2_through_the_teacher_client(smollm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    server = serve.make_server(model, tokenizer, generate, model_name="smollm2")
+    serve.start_background(server)
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        t = teacher.Teacher(server.url, "smollm2", cache_dir=str(tmp_path), temperature=0.0, max_tokens=16)
+        [r] = t.chat_many([{"messages": messages}], progress=False)
+        assert r["error"] is None and "Paris" in r["choices"][0]["text"]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        assert r["prompt_tokens"] == len(ids["input_ids"]) and 0 < r["completion_tokens"] <= 16
+    finally:
+        server.shutdown()
