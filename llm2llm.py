@@ -2,11 +2,26 @@
 
 DECODER_SECTION_PLACEHOLDER
 """
-import math
+import argparse
+import json
 import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lora import LoRAError, add_lora, load_adapter, remove_lora, save_adapter
+from report import ReportError, render_table, write_report
+from serve import main as serve_main, make_server, start_background
+from tasks import TaskError, filter_generated, get_task, sample_seed
+from teacher import BUDGET_SPENT, Teacher, check_reachable
+from train import TrainingError, render_prompt, train
 
 # -----------------------------------------------------------------------------
 # Decoder: batched generation with a KV cache, split into prefill and decode steps.
@@ -285,3 +300,440 @@ def _run_batch_hf(model, suffixes, prefix_cache, n_prefix, max_new_tokens, tempe
                     past_key_values=cache, use_cache=True)
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
     return state.results()
+
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass; its fields are the command-line flags (dashes there, underscores here).
+# Defaults follow the paper where it is explicit: 1 augmentation per wrong seed example, retrain from scratch,
+# 10 iterations and a 1% seed set for GSM8K. The rest are ours, chosen for a small LoRA student.
+
+DEFAULT_STUDENT = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_TEACHER = "Qwen/Qwen2.5-7B-Instruct"
+
+
+@dataclass
+class Config:
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k, sst2, trec, snips, casehold, or a path to your own "
+                                                 "train .jsonl of {\"input\", \"output\"} rows"})
+    data_dir: str = field(default="data", metadata={"help": "folder with <task>/{train,test}.jsonl; missing public "
+                                                    "files are downloaded there"})
+    test_file: Optional[str] = field(default=None, metadata={"help": "test .jsonl for your own --task file"})
+    answer_type: str = field(default="exact", metadata={"help": "your own task: how answers compare "
+                                                        "(exact, number, label)"})
+    student: str = field(default=DEFAULT_STUDENT, metadata={"help": "student model: Hugging Face id or local folder"})
+    teacher_url: Optional[str] = field(default=None, metadata={
+        "help": "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (default: $OPENAI_BASE_URL; if unset, "
+                "--teacher-model is served locally by the embedded server)"})
+    teacher_model: str = field(default=DEFAULT_TEACHER, metadata={"help": "model name at the teacher endpoint, or "
+                                                                  "the id/folder the embedded server loads"})
+    teacher_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the "
+                                                                     "teacher's API key (never stored)"})
+    teacher_workers: int = field(default=8, metadata={"help": "concurrent teacher requests"})
+    teacher_temperature: float = field(default=0.7, metadata={"help": "teacher sampling temperature"})
+    teacher_max_tokens: int = field(default=1024, metadata={"help": "max tokens per teacher reply"})
+    teacher_max_asks: int = field(default=3, metadata={"help": "most times one wrong seed is sent to the teacher "
+                                                       "per iteration when its replies are rejected"})
+    teacher_budget_tokens: Optional[int] = field(default=None, metadata={"help": "stop asking the teacher once "
+                                                                         "this many tokens are spent"})
+    show_student_answer: bool = field(default=False, metadata={"help": "include the student's wrong answer in the "
+                                                               "teacher's message"})
+    seed_size: Optional[int] = field(default=None, metadata={"help": "number of seed examples from train"})
+    seed_frac: Optional[float] = field(default=None, metadata={"help": "fraction of train used as seed "
+                                                               "(default 0.01 when --seed-size is not given)"})
+    seed: int = field(default=0, metadata={"help": "random seed for seed sampling, LoRA init, data order, teacher"})
+    iterations: int = field(default=10, metadata={"help": "augmentation rounds after the first fine-tune"})
+    aug_per_wrong: int = field(default=1, metadata={"help": "new examples asked per wrong seed example"})
+    epochs: int = field(default=3, metadata={"help": "epochs per fine-tune"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (warmup, then cosine)"})
+    batch_size: int = field(default=16, metadata={"help": "rows per optimizer step"})
+    micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch (memory knob; "
+                                                            "does not change the result)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha/r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch input"})
+    max_seq_len: int = field(default=1024, metadata={"help": "longest training row in tokens"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest student answer at evaluation"})
+    eval_batch_size: int = field(default=32, metadata={"help": "rows decoded together at evaluation"})
+    test_limit: Optional[int] = field(default=None, metadata={"help": "evaluate on the first N test rows only"})
+    out: Optional[str] = field(default=None, metadata={"help": "run directory (default runs/<task>-<timestamp>); "
+                                                       "rerun with the same --out to resume"})
+    continue_training: bool = field(default=False, metadata={"help": "keep training the previous adapter instead "
+                                                             "of a fresh one (the paper's ablation)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    precision: Optional[str] = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: bf16 on CUDA, "
+                                                             "fp32 on CPU)"})
+    force: bool = field(default=False, metadata={"help": "start over in an --out that holds a different run"})
+
+
+# fields that do not change what a run computes, so a resumed run may differ in them
+RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_key_env", "teacher_url", "device"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="llm2llm.py", description=__doc__.split("\n\n")[0],
+                                     epilog="subcommands: `llm2llm.py serve --model M` runs the OpenAI-compatible "
+                                            "teacher server; `llm2llm.py report RUN_DIR` prints a run's report.")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        # Optional[int] -> int
+        kind = next((t for t in getattr(f.type, "__args__", ()) if t is not type(None)), f.type)
+        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+class RunError(Exception):
+    """A problem the user can fix: the message says what and how."""
+
+
+# -----------------------------------------------------------------------------
+# Small file helpers. Every file the loop writes is written whole (temp file + rename) or appended line by line,
+# so a kill at any moment leaves either the old state or the new one, never half a file.
+
+def write_json(path, obj):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def write_jsonl(path, rows):
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(f"{path}.tmp", path)
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # the line a kill cut short; it is redone
+                    break
+    return rows
+
+
+def append_jsonl(path, rows):
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def load_model(name, device, precision, role):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
+    if looks_local and not os.path.isdir(name):
+        raise RunError(f"{role} {name}: no such folder. Give a local model folder (config.json, weights, tokenizer) "
+                       f"or a Hugging Face model id such as {DEFAULT_STUDENT}")
+    dtype = torch.float32 if device.type == "cpu" or precision == "fp32" else (
+        torch.float16 if precision == "fp16" else torch.bfloat16)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise RunError(f"could not load {role} {name!r}: {str(e).splitlines()[0]}\nOffline? Pass a local folder.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy answers on a list of rows, saved chunk by chunk so a kill repeats at most one chunk. Chunks
+# are fixed slices of the row list, so a resumed evaluation batches exactly as an uninterrupted one.
+
+def evaluate(model, tokenizer, task, rows, path, cfg, desc):
+    if os.path.exists(path):
+        return read_jsonl(path)
+    partial = path + ".partial"
+    done = read_jsonl(partial) if os.path.exists(partial) else []
+    write_jsonl(partial, done)  # drop a line a kill may have cut short
+    chunk = cfg.eval_batch_size * 4
+    bar = tqdm(total=len(rows), initial=len(done), desc=desc, unit="ex", leave=False)
+    for start in range(len(done) // chunk * chunk, len(rows), chunk):
+        if start < len(done):  # an unfinished chunk is redone whole
+            done = done[:start]
+            write_jsonl(partial, done)
+        batch = rows[start:start + chunk]
+        prompts = [render_prompt(tokenizer, task.prompt(row)) for row in batch]
+        texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        predictions = [{"id": row["id"], "prediction": text, "answer": task.extract(text), "gold": task.gold(row),
+                        "correct": bool(task.is_correct(text, row))} for row, text in zip(batch, texts)]
+        append_jsonl(partial, predictions)
+        done += predictions
+        bar.update(len(batch))
+    bar.close()
+    os.replace(partial, path)
+    return done
+
+
+# -----------------------------------------------------------------------------
+# Augmentation: the teacher writes new examples from the wrong SEED examples only. A seed whose replies are all
+# rejected is asked again (a new sample index, so a new cache key) up to --teacher-max-asks times, then reported.
+
+def augment(task, teacher, wrong, predictions, known_rows, test_rows, iteration, cfg):
+    need = {row["id"]: cfg.aug_per_wrong for row in wrong}
+    accepted, rejected, unsatisfied = [], [], []
+    for ask in range(cfg.teacher_max_asks):
+        asking = [row for row in wrong if need[row["id"]] > 0]
+        if not asking or teacher.budget_exhausted:
+            break
+        jobs = [{"messages": task.teacher_messages(
+            row, need[row["id"]], predictions[row["id"]]["answer"] if cfg.show_student_answer else None),
+            "sample": ask} for row in asking]
+        results = teacher.chat_many(jobs)
+        failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
+        if failed:
+            raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} requests (first: {failed[0]}). "
+                           f"Finished replies are cached in the run directory: rerun the same command to resume.")
+        candidates = []
+        for row, result in zip(asking, results):
+            for choice in result["choices"]:
+                parsed, bad = task.parse_reply(choice["text"], truncated=choice["finish_reason"] == "length")
+                rejected += [{"parent_id": row["id"], "reason": reason, "text": text} for reason, text in bad]
+                candidates += [dict(new, parent_id=row["id"], cache_key=result["cache_key"]) for new in parsed]
+        kept, bad = filter_generated(task, candidates, known_rows + accepted, test_rows)
+        rejected += bad
+        for new in kept:
+            parent = new.pop("parent_id")
+            cache_key = new.pop("cache_key")
+            if need[parent] == 0:  # the teacher wrote more items than asked for
+                rejected.append({"parent_id": parent, "reason": "surplus", "text": task.format_item(new)})
+                continue
+            k = cfg.aug_per_wrong - need[parent]
+            need[parent] -= 1
+            accepted.append(dict(new, id=f"aug{iteration}-{parent}-{k}", provenance={
+                "parent_id": parent, "iteration": iteration, "teacher_model": cfg.teacher_model,
+                "cache_key": cache_key, "ask": ask}))
+    unsatisfied = [seed_id for seed_id, n in need.items() if n > 0]
+    return accepted, rejected, unsatisfied
+
+
+# -----------------------------------------------------------------------------
+# The run directory and resuming
+
+def prepare_run_dir(cfg):
+    config = {k: v for k, v in asdict(cfg).items() if k != "force"}
+    config_path = os.path.join(cfg.out, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            old = json.load(f)
+        differs = [f"--{k.replace('_', '-')}: {old.get(k)!r} then, {v!r} now" for k, v in config.items()
+                   if k not in RESUME_NEUTRAL and old.get(k) != v]
+        if differs and not cfg.force:
+            raise RunError(f"{cfg.out} holds a run with a different configuration:\n  " + "\n  ".join(differs) +
+                           "\nUse the same flags to resume it, another --out, or --force to start over.")
+        if differs:
+            print(f"--force: deleting the previous run in {cfg.out}")
+            shutil.rmtree(cfg.out)
+        else:
+            print(f"resuming the run in {cfg.out}")
+    os.makedirs(cfg.out, exist_ok=True)
+    write_json(config_path, config)  # no secrets: the API key is read from the environment, never stored
+
+
+def load_metrics(out):
+    path = os.path.join(out, "metrics.jsonl")
+    return {m["iteration"]: m for m in read_jsonl(path)} if os.path.exists(path) else {}
+
+
+class LazyTeacher:
+    """Starts the teacher (and, without --teacher-url, the embedded server) only when first needed: a resumed run
+    with nothing left to ask never loads a teacher model."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device, self.client, self.server = cfg, device, None, None
+
+    def get(self):
+        if self.client is None:
+            cfg, url = self.cfg, self.cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
+            if not url:
+                model, tokenizer = load_model(cfg.teacher_model, self.device, cfg.precision, "teacher")
+                self.server = make_server(model, tokenizer, generate, model_name=cfg.teacher_model,
+                                          max_batch=max(cfg.teacher_workers, 1) * 2)
+                start_background(self.server)
+                url = self.server.url
+                print(f"embedded teacher {cfg.teacher_model} at {url}")
+            try:
+                check_reachable(url, cfg.teacher_key_env)
+            except RuntimeError as e:
+                raise RunError(str(e))
+            self.client = Teacher(url, cfg.teacher_model, api_key_env=cfg.teacher_key_env,
+                                  cache_dir=os.path.join(cfg.out, "teacher_cache"), workers=cfg.teacher_workers,
+                                  budget_tokens=cfg.teacher_budget_tokens, temperature=cfg.teacher_temperature,
+                                  max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
+        return self.client
+
+    def close(self):
+        if self.server is not None:
+            self.server.shutdown()
+
+
+# -----------------------------------------------------------------------------
+# The LLM2LLM loop
+
+def run(cfg):
+    task = get_task(cfg.task, test_file=cfg.test_file, answer_type=cfg.answer_type)
+    if cfg.seed_size is None and cfg.seed_frac is None:
+        cfg.seed_frac = 0.01
+    cfg.out = cfg.out or os.path.join("runs", f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for name in ("iterations", "aug_per_wrong", "epochs", "teacher_max_asks", "eval_batch_size", "batch_size"):
+        if getattr(cfg, name) < (0 if name == "iterations" else 1):
+            raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    device = resolve_device(cfg.device)
+    train_rows = task.load("train", cfg.data_dir)
+    test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
+    if not train_rows:
+        raise RunError(f"the {task.name} train split is empty")
+    prepare_run_dir(cfg)
+    print("config:", json.dumps({k: v for k, v in asdict(cfg).items()}))
+
+    seed_path = os.path.join(cfg.out, "seed.jsonl")
+    if not os.path.exists(seed_path):
+        write_jsonl(seed_path, sample_seed(task, train_rows, size=cfg.seed_size, frac=cfg.seed_frac, seed=cfg.seed))
+    seed_rows = read_jsonl(seed_path)
+    print(f"{task.name}: {len(seed_rows)} seed examples of {len(train_rows)} train rows, {len(test_rows)} test rows, "
+          f"{cfg.iterations} iterations, {cfg.aug_per_wrong} new example(s) per wrong seed")
+
+    model, tokenizer = load_model(cfg.student, device, cfg.precision, "student")
+    teacher = LazyTeacher(cfg, device)
+    metrics = load_metrics(cfg.out)
+    data = seed_rows
+    try:
+        for i in range(cfg.iterations + 1):
+            step_dir = os.path.join(cfg.out, f"iter_{i:02d}")
+            os.makedirs(step_dir, exist_ok=True)
+            train_path = os.path.join(step_dir, "train.jsonl")
+            if not os.path.exists(train_path):
+                write_jsonl(train_path, data)
+            data = read_jsonl(train_path)
+            if i in metrics:
+                aug_path = os.path.join(step_dir, "augmented.jsonl")
+                data = data + (read_jsonl(aug_path) if os.path.exists(aug_path) else [])
+                if metrics[i]["n_wrong"] == 0 or metrics[i].get("stopped"):
+                    break
+                continue
+            row = run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir)
+            append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
+            print(render_table([m for m in load_metrics(cfg.out).values()]))
+            if row["n_wrong"] == 0:
+                print(f"no seed example is wrong after iteration {i}: stopping early")
+                break
+            if row.get("stopped"):
+                print(f"stopping: {row['stopped']}")
+                break
+            data = data + read_jsonl(os.path.join(step_dir, "augmented.jsonl"))
+    finally:
+        teacher.close()
+    write_report(cfg.out)
+    print(f"report: {os.path.join(cfg.out, 'report.md')} and report.svg")
+    return cfg.out
+
+
+def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir):
+    # 1. fine-tune: a fresh adapter on the frozen base ("from scratch"), or the previous one with --continue-training
+    adapter_dir, stats_path = os.path.join(step_dir, "adapter"), os.path.join(step_dir, "train_stats.json")
+    previous = os.path.join(os.path.dirname(step_dir), f"iter_{i - 1:02d}", "adapter")
+    remove_lora(model)
+    if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")) and os.path.exists(stats_path):
+        load_adapter(model, adapter_dir)
+        with open(stats_path) as f:
+            stats = json.load(f)
+    else:
+        torch.manual_seed(cfg.seed)
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        if cfg.continue_training and i > 0:
+            load_adapter(model, previous)
+        print(f"iteration {i}: training on {len(data)} examples")
+        stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
+                      lr=cfg.lr, batch_size=cfg.batch_size, micro_batch_tokens=cfg.micro_batch_tokens,
+                      precision=cfg.precision, seed=cfg.seed + i, max_seq_len=cfg.max_seq_len,
+                      checkpoint_path=os.path.join(step_dir, "train_state.pt"))
+        save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
+        stats = {k: stats[k] for k in ("steps", "train_tokens", "train_seconds", "final_loss")}
+        write_json(stats_path, stats)
+        if os.path.exists(os.path.join(step_dir, "train_state.pt")):
+            os.remove(os.path.join(step_dir, "train_state.pt"))
+
+    # 2. evaluate on the seed set (to find what to augment) and on the test set
+    t0 = time.time()
+    seed_preds = evaluate(model, tokenizer, task, seed_rows, os.path.join(step_dir, "seed_predictions.jsonl"), cfg,
+                          f"iter {i} seed eval")
+    test_preds = evaluate(model, tokenizer, task, test_rows, os.path.join(step_dir, "test_predictions.jsonl"), cfg,
+                          f"iter {i} test eval") if test_rows else []
+    eval_seconds = time.time() - t0
+    by_id = {p["id"]: p for p in seed_preds}
+    wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
+
+    # 3. the teacher writes new examples from the wrong seed examples (none after the last iteration)
+    accepted, rejected, unsatisfied, stopped = [], [], [], None
+    t0 = time.time()
+    aug_path, rejected_path = os.path.join(step_dir, "augmented.jsonl"), os.path.join(step_dir, "rejected.jsonl")
+    if i < cfg.iterations and wrong:
+        client = teacher.get()
+        before = (client.prompt_tokens, client.completion_tokens, client.requests)
+        accepted, rejected, unsatisfied = augment(task, client, wrong, by_id, data, test_rows, i, cfg)
+        if unsatisfied:
+            print(f"{len(unsatisfied)} wrong seed example(s) got no acceptable new example after "
+                  f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
+        if client.budget_exhausted:
+            stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
+        spent = (client.prompt_tokens - before[0], client.completion_tokens - before[1], client.requests - before[2])
+    else:
+        spent = (0, 0, 0)
+    write_jsonl(rejected_path, rejected)
+    write_jsonl(aug_path, accepted)
+    teacher_seconds = time.time() - t0
+    return {"iteration": i, "train_size": len(data), "n_seed": len(seed_rows), "n_wrong": len(wrong),
+            "n_augmented": len(accepted), "n_rejected": len(rejected),
+            "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)), "unsatisfied": unsatisfied,
+            "seed_acc": 1 - len(wrong) / len(seed_rows),
+            "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
+            "teacher_prompt_tokens": spent[0], "teacher_completion_tokens": spent[1], "teacher_requests": spent[2],
+            "train_tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"],
+            "final_loss": stats["final_loss"], "eval_seconds": eval_seconds,
+            "teacher_seconds": teacher_seconds, "stopped": stopped}
+
+
+# -----------------------------------------------------------------------------
+# Entry point: `python llm2llm.py [flags]` runs the loop; `serve` and `report` are subcommands.
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["serve"]:
+            return serve_main(argv[1:], generate_fn=generate)
+        if argv[:1] == ["report"]:
+            if len(argv) != 2:
+                raise RunError("usage: python llm2llm.py report RUN_DIR")
+            print(write_report(argv[1]))
+            print(f"wrote {os.path.join(argv[1], 'report.md')} and report.svg")
+            return 0
+        run(parse_args(argv))
+        return 0
+    except (RunError, TaskError, LoRAError, TrainingError, ReportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
