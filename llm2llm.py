@@ -489,15 +489,22 @@ def evaluate(model, tokenizer, task, rows, path, cfg, desc):
 
 def augment(task, teacher, wrong, predictions, known_rows, test_rows, iteration, cfg):
     need = {row["id"]: cfg.aug_per_wrong for row in wrong}
-    accepted, rejected, unsatisfied = [], [], []
+    accepted, rejected = [], []
+    # tokens and replies this augmentation used, whether paid now or read from the cache, so a resumed run reports
+    # the same numbers as an uninterrupted one
+    usage = Counter()
     for ask in range(cfg.teacher_max_asks):
         asking = [row for row in wrong if need[row["id"]] > 0]
         if not asking or teacher.budget_exhausted:
             break
         jobs = [{"messages": task.teacher_messages(
             row, need[row["id"]], predictions[row["id"]]["answer"] if cfg.show_student_answer else None),
-            "sample": ask} for row in asking]
+            # a new sample index per iteration and ask: the same seed asked again must get a fresh reply, not the
+            # cached one from an earlier iteration
+            "sample": iteration * cfg.teacher_max_asks + ask} for row in asking]
         results = teacher.chat_many(jobs)
+        for r in results:
+            usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
         failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
         if failed:
             raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} requests (first: {failed[0]}). "
@@ -522,7 +529,7 @@ def augment(task, teacher, wrong, predictions, known_rows, test_rows, iteration,
                 "parent_id": parent, "iteration": iteration, "teacher_model": cfg.teacher_model,
                 "cache_key": cache_key, "ask": ask}))
     unsatisfied = [seed_id for seed_id, n in need.items() if n > 0]
-    return accepted, rejected, unsatisfied
+    return accepted, rejected, unsatisfied, usage
 
 
 # -----------------------------------------------------------------------------
@@ -687,16 +694,17 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
     aug_path, rejected_path = os.path.join(step_dir, "augmented.jsonl"), os.path.join(step_dir, "rejected.jsonl")
     if i < cfg.iterations and wrong:
         client = teacher.get()
-        before = (client.prompt_tokens, client.completion_tokens, client.requests)
-        accepted, rejected, unsatisfied = augment(task, client, wrong, by_id, data, test_rows, i, cfg)
+        requests_before = client.requests
+        accepted, rejected, unsatisfied, usage = augment(task, client, wrong, by_id, data, test_rows, i, cfg)
+        print(f"teacher: {len(accepted)} new examples from {len(wrong)} wrong seeds, {len(rejected)} rejected, "
+              f"{client.requests - requests_before} HTTP requests for {usage['replies']} replies (the rest from the cache)")
         if unsatisfied:
             print(f"{len(unsatisfied)} wrong seed example(s) got no acceptable new example after "
                   f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
         if client.budget_exhausted:
             stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
-        spent = (client.prompt_tokens - before[0], client.completion_tokens - before[1], client.requests - before[2])
     else:
-        spent = (0, 0, 0)
+        usage = Counter()
     write_jsonl(rejected_path, rejected)
     write_jsonl(aug_path, accepted)
     teacher_seconds = time.time() - t0
@@ -705,7 +713,8 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
             "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)), "unsatisfied": unsatisfied,
             "seed_acc": 1 - len(wrong) / len(seed_rows),
             "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
-            "teacher_prompt_tokens": spent[0], "teacher_completion_tokens": spent[1], "teacher_requests": spent[2],
+            "teacher_prompt_tokens": usage["prompt"], "teacher_completion_tokens": usage["completion"],
+            "teacher_requests": usage["replies"],
             "train_tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"],
             "final_loss": stats["final_loss"], "eval_seconds": eval_seconds,
             "teacher_seconds": teacher_seconds, "stopped": stopped}
