@@ -1,6 +1,6 @@
 """Training throughput: our LoRA loop (lora.add_lora + train.train) against the usual peft recipe, in one process.
 
-    python bench/bench_train.py                                   # SmolLM2-135M-Instruct, CPU fp32, 48 GSM8K rows
+    python bench/bench_train.py                                   # SmolLM2-135M-Instruct, CPU fp32, 32 GSM8K rows
     python bench/bench_train.py --rows 64 --model PATH --data ../shared/data/gsm8k/train.jsonl
     python bench/bench_train.py --device cuda --precision bf16 --config qwen2.5-0.5b --rows 512   # GPU, random init
 
@@ -10,8 +10,9 @@ optimizer step. The baseline is driven the way peft users usually do it: get_pef
 each batch padded to its longest row, `model(input_ids, attention_mask, labels)` with labels = input_ids and -100 on
 pads (so prompt tokens carry loss too), one optimizer step per batch. Ours groups rows by length, cuts
 micro-batches by a token budget, and runs the lm_head only on response positions. A few warmup steps on other rows
-are run and excluded first for both. The score is non-pad tokens per second; the machine may be shared, so the
-ratio of the two, measured minutes apart in one process, is the number to trust, not the absolute rates.
+are run and excluded first for both, then the timed rows run in two halves in ABBA order. The score is non-pad
+tokens per second; the machine may be shared, so the ratio of the two, measured side by side in one process, is
+the number to trust, not the absolute rates.
 
 MFU (CUDA only) counts 4 N FLOPs per non-pad token, N = the weights of every matmul of the base model (all linear
 layers including lm_head, not the input embedding lookup): 2 N for the forward pass and 2 N for the backward pass
@@ -174,7 +175,7 @@ def main():
     ap.add_argument("--config", choices=["smollm2", "qwen2.5-0.5b"], default="smollm2")
     ap.add_argument("--model", help="SmolLM2 folder (default: printed by ../shared/models/smollm2.sh)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
-    ap.add_argument("--rows", type=int, default=48, help="timed rows per side (CPU default keeps the run ~4 min)")
+    ap.add_argument("--rows", type=int, default=32, help="timed rows per side (default: ~5 min on an idle 2-core CPU)")
     ap.add_argument("--warmup-steps", type=int, default=1, help="untimed steps per side, on other rows")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
@@ -205,8 +206,17 @@ def main():
     if warm_pairs:
         peft_train(peft_model, tokenizer, warm_pairs, args, device)
         ours_train(ours_model, tokenizer, warm_pairs, args)
-    theirs = peft_train(peft_model, tokenizer, pairs, args, device)
-    ours = ours_train(ours_model, tokenizer, pairs, args)
+    # Timed in two halves, ordered peft-ours then ours-peft: on a shared machine the load drifts, and this
+    # ABBA order cancels a steady drift instead of charging it all to whichever side runs second.
+    half = len(pairs) // 2 // args.batch_size * args.batch_size or len(pairs)
+    theirs, ours = {"seconds": 0.0, "tokens": 0, "padded_tokens": 0, "steps": 0}, {"seconds": 0.0, "tokens": 0,
+                                                                                   "steps": 0}
+    for chunk, order in ((pairs[:half], "po"), (pairs[half:], "op")):
+        for side in order if chunk else "":
+            stats = (peft_train(peft_model, tokenizer, chunk, args, device) if side == "p"
+                     else ours_train(ours_model, tokenizer, chunk, args))
+            for k, v in stats.items():
+                (theirs if side == "p" else ours)[k] += v
     assert ours["tokens"] == theirs["tokens"], "both sides must see the same non-pad tokens"
 
     ours_tok_s, peft_tok_s = ours["tokens"] / ours["seconds"], theirs["tokens"] / theirs["seconds"]
