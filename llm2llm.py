@@ -465,6 +465,7 @@ def evaluate(model, tokenizer, task, rows, path, cfg, desc):
     done = read_jsonl(partial) if os.path.exists(partial) else []
     write_jsonl(partial, done)  # drop a line a kill may have cut short
     chunk = cfg.eval_batch_size * 4
+    model.eval()  # no LoRA dropout at evaluation, whatever state training or loading left behind
     bar = tqdm(total=len(rows), initial=len(done), desc=desc, unit="ex", leave=False)
     for start in range(len(done) // chunk * chunk, len(rows), chunk):
         if start < len(done):  # an unfinished chunk is redone whole

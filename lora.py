@@ -72,6 +72,7 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self.train(base.training)  # an adapter added to a model in eval mode must not switch its dropout on
 
     def reset_parameters(self):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

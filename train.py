@@ -18,6 +18,8 @@ Usage (llm2llm.py is the real caller):
     stats = train(model, tokenizer, [("What is 2+3?", "2+3=5\\n#### 5")], epochs=3, lr=2e-4)
 """
 import contextlib
+import hashlib
+import json
 import math
 import os
 import random
@@ -146,8 +148,8 @@ def default_precision(device):
 # -----------------------------------------------------------------------------
 # Resumable state: small (adapters + AdamW moments), written atomically
 
-def _save_checkpoint(path, step, params, optimizer, scaler, tokens, loss_history):
-    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+def _save_checkpoint(path, plan, step, params, optimizer, scaler, tokens, loss_history):
+    state = {"plan": plan, "step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "tokens": tokens,
              "loss_history": loss_history, "cpu_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -155,8 +157,11 @@ def _save_checkpoint(path, step, params, optimizer, scaler, tokens, loss_history
     os.replace(path + ".tmp", path)
 
 
-def _load_checkpoint(path, params, optimizer, scaler):
+def _load_checkpoint(path, plan, params, optimizer, scaler):
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("plan") != plan:
+        raise TrainingError(f"{path} is a checkpoint of different training data or settings; delete it to start "
+                            f"this training from the beginning")
     with torch.no_grad():
         for p, saved in zip(params, state["params"], strict=True):
             p.copy_(saved)
@@ -188,7 +193,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
     torch.manual_seed(seed)  # dropout masks; restored from the checkpoint on resume
 
     examples = [encode_pair(tokenizer, prompt, response, max_seq_len) for prompt, response in pairs]
-    n_truncated = sum(len(ids) == max_seq_len for ids, _ in examples)
+    n_truncated = sum(len(ids) == max_seq_len for ids, _ in examples)  # at the limit: cut, or exactly that long
     if any(n_prompt >= len(ids) for ids, n_prompt in examples):
         raise TrainingError(f"a prompt is {max_seq_len} tokens or longer, leaving no room for its answer: "
                             f"raise --max-seq-len")
@@ -202,12 +207,16 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start_step, tokens_seen, loss_history = 0, 0, []
+    # what a checkpoint must match to be resumed: the data (as token lengths), the step plan and the optimizer
+    plan = hashlib.sha256(json.dumps([lengths, [sum(ids) for ids, _ in examples], steps, lr, weight_decay,
+                                      grad_clip, warmup, precision]).encode()).hexdigest()
     if checkpoint_path and os.path.exists(checkpoint_path):
-        start_step, tokens_seen, loss_history = _load_checkpoint(checkpoint_path, params, optimizer, scaler)
+        start_step, tokens_seen, loss_history = _load_checkpoint(checkpoint_path, plan, params, optimizer, scaler)
     if progress:
         print(f"training on {len(pairs)} examples ({sum(lengths):,} tokens, {n_truncated} truncated to "
-              f"{max_seq_len}): {len(steps)} steps of {batch_size} rows, micro-batches of <= {micro_batch_tokens} "
-              f"tokens, {precision}, peak lr {lr:g}" + (f", resuming at step {start_step}" if start_step else ""))
+              f"{max_seq_len}): {len(steps)} steps of {batch_size} rows (~{sum(lengths) * epochs // len(steps):,} "
+              f"tokens/step), micro-batches of <= {micro_batch_tokens} tokens, {precision}, peak lr {lr:g}"
+              + (f", resuming at step {start_step}" if start_step else ""))
 
     model.train()
     bar = tqdm(total=len(steps), initial=start_step, desc="train", disable=not progress, leave=False)
@@ -245,7 +254,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{(tokens_seen - tokens_at_start) / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if checkpoint_path and time.time() - last_save >= checkpoint_every_s and step + 1 < len(steps):
-            _save_checkpoint(checkpoint_path, step + 1, params, optimizer, scaler, tokens_seen, loss_history)
+            _save_checkpoint(checkpoint_path, plan, step + 1, params, optimizer, scaler, tokens_seen, loss_history)
             last_save = time.time()
     bar.close()
     model.eval()

@@ -323,11 +323,7 @@ def test_dropout_only_on_the_lora_input(llama_dir):
 
 
 def test_adapters_added_to_an_eval_model_stay_in_eval_mode(llama_dir, tmp_path):
-    # BUG in lora.py (reported to the lead, this test fails until it is fixed): a new LoRALinear is an nn.Module
-    # constructed in training mode, so add_lora / load_adapter on a model that is in eval mode (from_pretrained
-    # returns one) leave the LoRA dropout switched ON. Evaluation that loads a saved adapter and calls generate()
-    # without another .eval() then gets random, non-reproducible predictions.
-    # Minimal fix: at the end of LoRALinear.__init__, `self.train(base.training)`.
+    # an adapter loaded for evaluation must not bring its dropout back on: predictions would be random
     model = add_lora(load(llama_dir), r=4, alpha=8, dropout=0.5, verbose=False)
     perturb(model)
     save_adapter(model, tmp_path / "adapter")

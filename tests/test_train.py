@@ -296,6 +296,29 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(model_dir, tokenizer, 
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_checkpoint_of_other_data_is_refused(model_dir, tokenizer, tmp_path, monkeypatch):
+    checkpoint = str(tmp_path / "train_state.pt")
+    kwargs = dict(epochs=4, batch_size=2, lr=5e-3, seed=3, progress=False, checkpoint_path=checkpoint,
+                  checkpoint_every_s=0)
+    real_lr_at = train_module.lr_at
+
+    def dies_at_step_3(step, *args):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(student(model_dir), tokenizer, PAIRS, **kwargs)
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    other = PAIRS[:-1] + [(PAIRS[-1][0], PAIRS[-1][1] + " and more")]
+    with pytest.raises(TrainingError, match="different training data or settings"):
+        train(student(model_dir), tokenizer, other, **kwargs)
+    with pytest.raises(TrainingError, match="different training data or settings"):
+        train(student(model_dir), tokenizer, PAIRS, **dict(kwargs, lr=1e-3))
+    assert train(student(model_dir), tokenizer, PAIRS, **kwargs)["resumed_at_step"] == 3
+
+
 def test_nan_guard_names_step_and_lr(model_dir, tokenizer):
     model = student(model_dir)
     with torch.no_grad():
