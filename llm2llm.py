@@ -186,7 +186,9 @@ def _new_llama_cache(model, batch, length, device):
     dtype = model.model.embed_tokens.weight.dtype if not torch.is_autocast_enabled(device.type) else \
         torch.get_autocast_dtype(device.type)
     shape = (batch, config.num_key_value_heads, length, head_dim)
-    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+    # zeros, not empty: masked slots get zero attention weight, but 0 * NaN is NaN, so leftover garbage in a slot
+    # that is never written (left of a short prefill group) would poison the whole row
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)]
 
 

@@ -262,6 +262,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a client that hangs up mid-request must not keep the process alive
+    request_queue_size = 128  # the stdlib's backlog of 5 resets connections when many client workers start at once
 
     def serve_forever(self, poll_interval=0.5):
         self.serving = True

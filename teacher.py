@@ -321,8 +321,11 @@ class Teacher:
                         return dict(result, error=self._scrub(last_error + hint))
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.max_backoff)
             if attempt < self.max_attempts:
-                time.sleep(retry_after if retry_after is not None
-                           else _backoff_delay(attempt, self.backoff, self.max_backoff))
+                delay = retry_after if retry_after is not None else _backoff_delay(attempt, self.backoff,
+                                                                                    self.max_backoff)
+                tqdm.write(self._scrub(f"teacher: attempt {attempt}/{self.max_attempts} failed ({last_error[:200]}); "
+                                       f"retrying in {delay:.1f}s"))
+                time.sleep(delay)
         return dict(result, error=self._scrub(f"gave up after {self.max_attempts} attempts; last error: {last_error}"))
 
 # -----------------------------------------------------------------------------

@@ -114,6 +114,20 @@ def test_top_p_near_zero_is_greedy(tiny_llama_dir):
         generate(model, tokenizer, prompts, max_new_tokens=12)
 
 
+def test_uninitialised_memory_never_leaks_into_outputs(tiny_llama_dir, monkeypatch):
+    """Reused memory can hold NaN. Cache slots that are never written (left of a short prefill group) must not
+    reach the output, even through a zero attention weight (0 * NaN = NaN)."""
+    model, tokenizer = load_pretrained(tiny_llama_dir)
+    prompts = make_prompts(tokenizer)
+    expected = hf_greedy(model, tokenizer, prompts, 12)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    # a tiny prefill budget puts every row in its own group, so most rows have unwritten slots
+    assert generate(model, tokenizer, prompts, max_new_tokens=12, prefill_tokens=1) == expected
+    assert len(generate(model, tokenizer, prompts, max_new_tokens=12, temperature=0.8, seed=1,
+                        prefill_tokens=1)) == len(prompts)
+
+
 def test_common_prefix_leaves_every_row_a_token():
     assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3]]) == [1, 2]
     assert _common_prefix([[1, 2], [3, 4]]) == []
