@@ -186,9 +186,7 @@ def _new_llama_cache(model, batch, length, device):
     dtype = model.model.embed_tokens.weight.dtype if not torch.is_autocast_enabled(device.type) else \
         torch.get_autocast_dtype(device.type)
     shape = (batch, config.num_key_value_heads, length, head_dim)
-    # zeros, not empty: masked slots get zero attention weight, but 0 * NaN is NaN, so leftover garbage in a slot
-    # that is never written (left of a short prefill group) would poison the whole row
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)]
 
 
@@ -248,6 +246,11 @@ def _run_batch_fast(model, suffixes, prefix_cache, n_prefix, max_new_tokens, tem
         rows = slice(g, min(n_rows, g + group_rows))
         ids, mask = _left_pad(suffixes[rows], pad_id, device)
         slot = n_prefix + width - ids.shape[1]
+        # slots left of a short group are never written yet are read (masked out). A masked slot gets zero weight,
+        # but 0 * NaN is NaN, so whatever the allocator left there must be cleared: only this gap, not the cache
+        for k, v in cache:
+            k[rows, :, n_prefix:slot] = 0
+            v[rows, :, n_prefix:slot] = 0
         key_mask[rows, slot:slot + ids.shape[1]] = mask
         positions = (n_prefix + mask.long().cumsum(-1) - 1).clamp(min=0)
         last_hidden.append(_llama_forward(model, ids, positions, cache, rows, slot, key_mask[rows, :slot + ids.shape[1]]))
