@@ -55,7 +55,7 @@ def data_dir(tmp_path):
 
 class ScriptedTeacher:
     def __init__(self):
-        self.requests, self.hold_request = [], None
+        self.requests, self.hold_request, self.authorization = [], None, []
         self.holding, self.release = threading.Event(), threading.Event()
         teacher = self
 
@@ -77,6 +77,7 @@ class ScriptedTeacher:
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 teacher.requests.append(request)
+                teacher.authorization.append(self.headers.get("Authorization"))
                 if teacher.hold_request == len(teacher.requests):
                     teacher.holding.set()
                     teacher.release.wait(60)  # the client is killed while it waits
@@ -288,3 +289,28 @@ def test_report_subcommand(capsys, data_dir, tiny_llama_dir, teacher, tmp_path):
     assert llm2llm.main(["report", str(out)]) == 0
     assert "seed acc" in capsys.readouterr().out and (out / "report.md").exists()
     assert run_error(capsys, ["report", str(tmp_path / "nothing-here")])
+
+
+def test_continue_training_starts_from_the_previous_adapter(tiny_llama_dir, data_dir, teacher, tmp_path,
+                                                             monkeypatch):
+    loaded = []
+    real_load = llm2llm.load_adapter
+    monkeypatch.setattr(llm2llm, "load_adapter", lambda model, path: loaded.append(Path(path)) or real_load(model, path))
+    out = tmp_path / "run"
+    assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url, "--continue-training")) == 0
+    assert loaded == [out / "iter_00" / "adapter", out / "iter_01" / "adapter"]
+    loaded.clear()
+    assert llm2llm.main(flags(tiny_llama_dir, data_dir, tmp_path / "fresh", teacher.url)) == 0
+    assert loaded == []  # from scratch: a fresh adapter every iteration
+
+
+def test_the_api_key_is_written_nowhere(tiny_llama_dir, data_dir, teacher, tmp_path, monkeypatch, capsys):
+    secret = "sk-test-DO-NOT-LEAK-7f3a9c"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    out = tmp_path / "run"
+    assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url)) == 0
+    assert teacher.authorization and all(a == f"Bearer {secret}" for a in teacher.authorization)  # it was used
+    captured = capsys.readouterr()
+    assert secret not in captured.out and secret not in captured.err
+    for path, content in snapshot(out).items():
+        assert secret.encode() not in content, path
