@@ -1,6 +1,22 @@
 """llm2llm: targeted, iterative data augmentation for a small student LLM (LLM2LLM, Lee, Wattanawong et al., 2024).
 
-DECODER_SECTION_PLACEHOLDER
+The method, as this file runs it:
+  0. sample a small seed set from the task's train split and fine-tune a fresh LoRA student on it;
+  1. evaluate the student (greedy) on the seed set and keep the examples it gets wrong;
+  2. a teacher LLM writes new examples modelled on exactly those wrong seed examples; augmented examples are
+     never sent back as parents, so new data stays anchored to real mistakes;
+  3. filter the new examples, add them, fine-tune again from scratch (a fresh adapter on the frozen base),
+     evaluate on the test split, and repeat for --iterations rounds, stopping early when no seed example is wrong.
+
+Usage:
+    python llm2llm.py --task gsm8k                              # the whole loop (defaults printed at start)
+    python llm2llm.py --task sst2 --student PATH --teacher-url http://localhost:8000/v1 --teacher-model M
+    python llm2llm.py serve --model PATH_OR_ID [--port 8000]      # OpenAI-compatible teacher server
+    python llm2llm.py report runs/gsm8k-...                       # table, report.md, report.svg
+
+This file holds the decoder (`generate`), the configuration (one dataclass = the command-line flags), the run
+directory with its resume logic, and the loop. Training is in train.py, adapters in lora.py, tasks and teacher
+prompts in tasks.py and prompts/, the teacher client in teacher.py, the embedded server in serve.py.
 """
 import argparse
 import json
