@@ -631,7 +631,7 @@ def run(cfg):
     if not train_rows:
         raise RunError(f"the {task.name} train split is empty")
     prepare_run_dir(cfg)
-    print("config:", json.dumps({k: v for k, v in asdict(cfg).items()}))
+    print("config:", json.dumps(asdict(cfg)))
 
     seed_path = os.path.join(cfg.out, "seed.jsonl")
     if not os.path.exists(seed_path):

@@ -331,8 +331,8 @@ def _header(run):
         teacher = next((r["provenance"]["teacher_model"] for rows in run["augmented"].values() for r in rows
                         if isinstance(r.get("provenance"), dict) and r["provenance"].get("teacher_model")), None)
     seed_size = _first(config, "seed_size", "n_seed") or metrics[0].get("n_seed") or len(run["seed"]) or None
-    planned = _first(config, "iterations", "n_iterations", "max_iterations")
-    finished = f"{len(metrics)} finished" + (f" of {planned}" if planned is not None else "")
+    rounds = _first(config, "iterations")  # augmentation rounds after the first fine-tune: rounds + 1 students
+    finished = f"{len(metrics)} finished" + (f" of {rounds + 1} (0 to {rounds})" if rounds is not None else "")
     fields = [("task", _first(config, "task", "task_name")),
               ("student", _first(config, "student", "student_model", "model")),
               ("teacher model", teacher),

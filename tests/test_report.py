@@ -64,7 +64,7 @@ def run_dir(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({
         "task": "gsm8k", "student": "SmolLM2-135M-Instruct", "teacher_model": "teacher-7b", "seed_size": 6,
-        "iterations": 3, "api_key": "sk-do-not-print-me"}))
+        "iterations": 2, "api_key": "sk-do-not-print-me"}))
     write_jsonl(run / "seed.jsonl", [{"id": sid, "question": QUESTIONS.get(sid, f"Question {sid}?"),
                                       "answer": "#### 5"} for sid in HISTORY])
     write_jsonl(run / "metrics.jsonl", METRICS)
@@ -123,7 +123,7 @@ def test_markdown_header_table_and_chart(run_dir):
     report.write_report(run_dir)
     md = (run_dir / "report.md").read_text()
     assert "**task**: gsm8k" in md and "**teacher model**: teacher-7b" in md and "**seed size**: 6" in md
-    assert "3 finished of 3" in md
+    assert "3 finished of 3 (0 to 2)" in md
     assert "sk-do-not-print-me" not in md and "api_key" not in md
     assert "![seed and test accuracy per iteration](report.svg)" in md
     table = [line for line in md.splitlines() if line.startswith("| 0 |")]
