@@ -530,7 +530,7 @@ def augment(task, teacher, wrong, predictions, known_rows, test_rows, iteration,
         failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
         if failed:
             raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} requests (first: {failed[0]}). "
-                           f"Finished replies are cached in the run directory: rerun the same command to resume.")
+                           f"Its finished replies are cached.")
         candidates = []
         for row, result in zip(asking, results):
             for choice in result["choices"]:
@@ -747,6 +747,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         if argv[:1] == ["serve"]:
             return serve_main(argv[1:], generate_fn=generate)
@@ -756,14 +757,23 @@ def main(argv=None):
             print(write_report(argv[1]))
             print(f"wrote {os.path.join(argv[1], 'report.md')} and report.svg")
             return 0
-        run(parse_args(argv))
+        cfg = parse_args(argv)
+        run(cfg)
         return 0
     except (RunError, TaskError, LoRAError, TrainingError, ReportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{resume_hint(cfg, argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        print(f"\ninterrupted{resume_hint(cfg, argv) or '.'}", file=sys.stderr)
         return 130
+
+
+def resume_hint(cfg, argv):
+    """How to pick the run up again, once a run directory exists (naming --out if the user relied on the default)."""
+    if cfg is None or not cfg.out or not os.path.exists(os.path.join(cfg.out, "config.json")):
+        return ""
+    command = "the same command" if "--out" in argv else f"the same command with --out {cfg.out}"
+    return f"\nThe run so far is kept in {cfg.out}: rerun {command} to continue where it stopped."
 
 
 if __name__ == "__main__":

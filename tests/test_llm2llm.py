@@ -218,6 +218,7 @@ def test_unreachable_teacher_stops_cleanly_and_the_rerun_resumes(tiny_llama_dir,
     err = capsys.readouterr().err
     assert "cannot reach the teacher" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert f"kept in {out}: rerun the same command to continue" in err
     adapter = out / "iter_00" / "adapter" / "adapter_model.safetensors"
     assert adapter.exists() and (out / "iter_00" / "seed_predictions.jsonl").exists()
     trained = adapter.read_bytes()
@@ -225,6 +226,17 @@ def test_unreachable_teacher_stops_cleanly_and_the_rerun_resumes(tiny_llama_dir,
     assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url)) == 0
     assert adapter.read_bytes() == trained
     assert len(read_jsonl(out / "metrics.jsonl")) == 3
+
+
+def test_a_failed_run_without_out_says_which_out_resumes_it(tiny_llama_dir, data_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = flags(tiny_llama_dir, data_dir, "unused", "http://127.0.0.1:9/v1")
+    argv = argv[:argv.index("--out")] + ["--iterations", "1"]
+    assert llm2llm.main(argv) == 2
+    err = capsys.readouterr().err
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and f"rerun the same command with --out {Path('runs') / runs[0].name}" in err
 
 
 # -----------------------------------------------------------------------------
