@@ -268,24 +268,29 @@ def test_same_seed_same_loss_history_with_dropout(model_dir, tokenizer):
     assert runs[0] != runs[2]
 
 
+def train_killed_at(step_to_die, monkeypatch, *args, **kwargs):
+    """Run train() until it is 'killed' (KeyboardInterrupt) as optimizer step `step_to_die` begins."""
+    real_lr_at = train_module.lr_at
+
+    def dies(step, *a):
+        if step == step_to_die:
+            raise KeyboardInterrupt("killed")
+        return real_lr_at(step, *a)
+
+    monkeypatch.setattr(train_module, "lr_at", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, **kwargs)
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(model_dir, tokenizer, tmp_path, monkeypatch):
     kwargs = dict(epochs=4, batch_size=2, lr=5e-3, seed=3, progress=False)  # 8 steps, dropout on: RNG must resume
     reference_model = student(model_dir, dropout=0.2)
     reference = train(reference_model, tokenizer, PAIRS, **kwargs)
 
     checkpoint = str(tmp_path / "train_state.pt")
-    real_lr_at = train_module.lr_at
-
-    def dies_at_step_5(step, *args):
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-        return real_lr_at(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(student(model_dir, dropout=0.2), tokenizer, PAIRS, checkpoint_path=checkpoint, checkpoint_every_s=0,
-              **kwargs)
-    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    train_killed_at(5, monkeypatch, student(model_dir, dropout=0.2), tokenizer, PAIRS, checkpoint_path=checkpoint,
+                    checkpoint_every_s=0, **kwargs)
 
     resumed_model = student(model_dir, dropout=0.2, seed=99)  # a different init: the checkpoint must overwrite it
     resumed = train(resumed_model, tokenizer, PAIRS, checkpoint_path=checkpoint, checkpoint_every_s=0, **kwargs)
@@ -300,17 +305,7 @@ def test_a_checkpoint_of_other_data_is_refused(model_dir, tokenizer, tmp_path, m
     checkpoint = str(tmp_path / "train_state.pt")
     kwargs = dict(epochs=4, batch_size=2, lr=5e-3, seed=3, progress=False, checkpoint_path=checkpoint,
                   checkpoint_every_s=0)
-    real_lr_at = train_module.lr_at
-
-    def dies_at_step_3(step, *args):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_lr_at(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(student(model_dir), tokenizer, PAIRS, **kwargs)
-    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    train_killed_at(3, monkeypatch, student(model_dir), tokenizer, PAIRS, **kwargs)
     other = PAIRS[:-1] + [(PAIRS[-1][0], PAIRS[-1][1] + " and more")]
     with pytest.raises(TrainingError, match="different training data or settings"):
         train(student(model_dir), tokenizer, other, **kwargs)
