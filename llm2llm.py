@@ -163,9 +163,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=32, tempe
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     fast = _uses_fast_path(model)
     prefix = _common_prefix(id_lists) if fast and len(prompts) > 1 else []
-    prefix_cache = _llama_prefix_cache(model, prefix, device) if len(prefix) >= 4 else None
-    if prefix_cache is None:
+    if len(prefix) < 4:  # too short to be worth a separate forward pass
         prefix = []
+    prefix_cache = _llama_prefix_cache(model, prefix, device)
     order = sorted(range(len(prompts)), key=lambda i: len(id_lists[i]))
     results = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -405,7 +405,7 @@ def parse_args(argv):
     return Config(**vars(parser.parse_args(argv)))
 
 
-class RunError(Exception):
+class RunError(ValueError):
     """A problem the user can fix: the message says what and how."""
 
 
@@ -457,11 +457,14 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def load_model(name, device, precision, role):
+def load_model(name, device=None, precision=None, role="model"):
+    """A causal LM and its tokenizer in eval mode, in the precision the device wants. Used for the student, the
+    embedded teacher and `llm2llm.py serve`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = device or resolve_device("auto")
     looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
     if looks_local and not os.path.isdir(name):
-        raise RunError(f"{role} {name}: no such folder. Give a local model folder (config.json, weights, tokenizer) "
+        raise RunError(f"could not load {role} {name}: no such folder. Give a local model folder (config.json, weights, tokenizer) "
                        f"or a Hugging Face model id such as {DEFAULT_STUDENT}")
     dtype = torch.float32 if device.type == "cpu" or precision == "fp32" else (
         torch.float16 if precision == "fp16" else torch.bfloat16)
@@ -652,15 +655,12 @@ def run(cfg):
             if not os.path.exists(train_path):
                 write_jsonl(train_path, data)
             data = read_jsonl(train_path)
-            if i in metrics:
-                aug_path = os.path.join(step_dir, "augmented.jsonl")
-                data = data + (read_jsonl(aug_path) if os.path.exists(aug_path) else [])
-                if metrics[i]["n_wrong"] == 0 or metrics[i].get("stopped"):
-                    break
-                continue
-            row = run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir)
-            append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
-            print(render_table([m for m in load_metrics(cfg.out).values()]))
+            if i not in metrics:  # a finished iteration (it has its metrics row) is not run again
+                row = run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir)
+                append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
+                metrics[i] = row
+                print(render_table(list(metrics.values())))
+            row = metrics[i]
             if row["n_wrong"] == 0:
                 print(f"no seed example is wrong after iteration {i}: stopping early")
                 break
@@ -678,6 +678,7 @@ def run(cfg):
 def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir):
     # 1. fine-tune: a fresh adapter on the frozen base ("from scratch"), or the previous one with --continue-training
     adapter_dir, stats_path = os.path.join(step_dir, "adapter"), os.path.join(step_dir, "train_stats.json")
+    checkpoint_path = os.path.join(step_dir, "train_state.pt")
     previous = os.path.join(os.path.dirname(step_dir), f"iter_{i - 1:02d}", "adapter")
     remove_lora(model)
     if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")) and os.path.exists(stats_path):
@@ -693,12 +694,12 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
         stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
                       lr=cfg.lr, batch_size=cfg.batch_size, micro_batch_tokens=cfg.micro_batch_tokens,
                       precision=cfg.precision, seed=cfg.seed + i, max_seq_len=cfg.max_seq_len,
-                      checkpoint_path=os.path.join(step_dir, "train_state.pt"))
+                      checkpoint_path=checkpoint_path)
         save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
         stats = {k: stats[k] for k in ("steps", "train_tokens", "train_seconds", "final_loss")}
         write_json(stats_path, stats)
-        if os.path.exists(os.path.join(step_dir, "train_state.pt")):
-            os.remove(os.path.join(step_dir, "train_state.pt"))
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
 
     # 2. evaluate on the seed set (to find what to augment) and on the test set
     t0 = time.time()
@@ -750,7 +751,7 @@ def main(argv=None):
     cfg = None
     try:
         if argv[:1] == ["serve"]:
-            return serve_main(argv[1:], generate_fn=generate)
+            return serve_main(argv[1:], generate_fn=generate, load_fn=load_model)
         if argv[:1] == ["report"]:
             if len(argv) != 2:
                 raise RunError("usage: python llm2llm.py report RUN_DIR")

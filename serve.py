@@ -313,7 +313,7 @@ def start_background(server):
 # CLI (wired as `python llm2llm.py serve ...`)
 
 
-def main(argv=None, generate_fn=None):
+def main(argv=None, generate_fn=None, load_fn=None):
     p = argparse.ArgumentParser(prog="llm2llm.py serve", description="Serve a local model over an "
                                 "OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).")
     p.add_argument("--model", required=True, help="Hugging Face model id or local folder")
@@ -323,19 +323,14 @@ def main(argv=None, generate_fn=None):
     p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together")
     args = p.parse_args(argv)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if generate_fn is None:
-        from llm2llm import generate as generate_fn
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if generate_fn is None or load_fn is None:  # run as `python serve.py`: the project's decoder and loader
+        import llm2llm
+        generate_fn = generate_fn or llm2llm.generate
+        load_fn = load_fn or llm2llm.load_model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        model, tokenizer = load_fn(args.model)  # fp32 on CPU, bf16 on CUDA
     except (OSError, ValueError) as e:
-        print(f"error: could not load model {args.model!r}: {e}\n"
-              f"Give a local folder with config.json and tokenizer files, or a model id this machine can download.",
-              file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         server = make_server(model, tokenizer, generate_fn, host=args.host, port=args.port,
@@ -343,7 +338,7 @@ def main(argv=None, generate_fn=None):
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}. Pick another --port.", file=sys.stderr)
         return 2
-    print(f"serving {args.model} on {device} at {server.url}  (Ctrl-C to stop)", flush=True)
+    print(f"serving {args.model} on {model.device} at {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -155,6 +155,16 @@ def _parse_reply(body):
 # The client
 
 
+def _api_key(api_key_env):
+    """The key's value, read from the environment at each use and never kept."""
+    return os.environ.get(api_key_env) if api_key_env else None
+
+
+def _auth_headers(api_key_env):
+    key = _api_key(api_key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class Teacher:
     """An OpenAI-compatible chat client with retries, an on-disk cache, token accounting and a token budget.
 
@@ -254,15 +264,11 @@ class Teacher:
         return s
 
     def _headers(self):
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        return {"Content-Type": "application/json", **_auth_headers(self.api_key_env)}
 
     def _scrub(self, text):
         # Some servers echo the credential back in error messages; make sure it never reaches our errors or logs.
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        key = _api_key(self.api_key_env)
         return text.replace(key, "***") if key else text
 
     def _budget_left(self):
@@ -335,12 +341,9 @@ class Teacher:
 def check_reachable(url, api_key_env="OPENAI_API_KEY", timeout=10.0):
     """GET {url}/models; returns the served model ids, or raises RuntimeError with a message saying what to do."""
     url = url.rstrip("/")
-    headers = {}
-    key = os.environ.get(api_key_env) if api_key_env else None
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    key = _api_key(api_key_env)
     try:
-        resp = requests.get(f"{url}/models", headers=headers, timeout=timeout)
+        resp = requests.get(f"{url}/models", headers=_auth_headers(api_key_env), timeout=timeout)
     except requests.RequestException as e:
         raise RuntimeError(
             f"cannot reach the teacher at {url} ({type(e).__name__}). Is the server running and is the URL the "
