@@ -31,6 +31,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from generate import generate, load_model
+
 MAX_N = 128  # OpenAI's own limit on n
 MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 512
@@ -313,7 +315,7 @@ def start_background(server):
 # CLI (wired as `python llm2llm.py serve ...`)
 
 
-def main(argv=None, generate_fn=None, load_fn=None):
+def main(argv=None):
     p = argparse.ArgumentParser(prog="llm2llm.py serve", description="Serve a local model over an "
                                 "OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).")
     p.add_argument("--model", required=True, help="Hugging Face model id or local folder")
@@ -323,17 +325,13 @@ def main(argv=None, generate_fn=None, load_fn=None):
     p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together")
     args = p.parse_args(argv)
 
-    if generate_fn is None or load_fn is None:  # run as `python serve.py`: the project's decoder and loader
-        import llm2llm
-        generate_fn = generate_fn or llm2llm.generate
-        load_fn = load_fn or llm2llm.load_model
     try:
-        model, tokenizer = load_fn(args.model)  # fp32 on CPU, bf16 on CUDA
+        model, tokenizer = load_model(args.model)  # fp32 on CPU, bf16 on CUDA
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        server = make_server(model, tokenizer, generate_fn, host=args.host, port=args.port,
+        server = make_server(model, tokenizer, generate, host=args.host, port=args.port,
                              model_name=args.model_name or args.model, max_batch=args.max_batch, log=True)
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}. Pick another --port.", file=sys.stderr)

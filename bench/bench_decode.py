@@ -1,4 +1,4 @@
-"""Decode benchmark: llm2llm.generate against Hugging Face generate(do_sample=False), measured in one process.
+"""Decode benchmark: generate.generate against Hugging Face generate(do_sample=False), measured in one process.
 
 Both decode the same GSM8K test prompts (rendered with the chat template) greedily, with the same batch size and
 max_new_tokens, on the same model. Output tokens are counted up to (not including) each row's EOS, the same way for
@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from llm2llm import generate  # noqa: E402
+from generate import generate  # noqa: E402
 from train import render_prompt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

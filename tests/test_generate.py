@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import load_pretrained
-from llm2llm import _common_prefix, _uses_fast_path, generate
+from generate import _common_prefix, _uses_fast_path, generate
 from train import render_prompt
 
 QUESTIONS = ["How many clips?", "Natalia sold clips to 48 of her friends in April, and then she sold half as many.",

@@ -2,7 +2,7 @@
 
 Two kinds of model behind it:
   * a tiny random Llama (2 layers, hidden 64) with a real byte-level BPE tokenizer and a ChatML template, saved and
-    reloaded through from_pretrained (conftest.py), decoded by llm2llm.generate: shapes, usage, greedy output against
+    reloaded through from_pretrained (conftest.py), decoded by generate.generate: shapes, usage, greedy output against
     Hugging Face generate, seeds; and the real SmolLM2-135M-Instruct (slow);
   * a scripted generate_fn with no model at all: batching, routing of replies, errors, bad requests.
 
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import serve  # noqa: E402
 import teacher  # noqa: E402
-from llm2llm import generate  # noqa: E402
+from generate import generate  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime number."}]
 
@@ -297,7 +297,7 @@ def test_shutdown_stops_http_and_the_model_worker():
 
 
 def test_cli_reports_a_bad_model_path_without_a_traceback(tmp_path, capsys):
-    assert serve.main(["--model", str(tmp_path / "no-such-model")], generate_fn=generate) == 2
+    assert serve.main(["--model", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert "could not load model" in err and "no-such-model" in err and "Traceback" not in err
 
