@@ -79,9 +79,11 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed for seed sampling, LoRA init, data order, teacher"})
     iterations: int = field(default=10, metadata={"help": "augmentation rounds after the first fine-tune"})
     aug_per_wrong: int = field(default=1, metadata={"help": "new examples asked per wrong seed example"})
-    epochs: int = field(default=3, metadata={"help": "epochs per fine-tune"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (warmup, then cosine)"})
-    batch_size: int = field(default=16, metadata={"help": "rows per optimizer step"})
+    epochs: int = field(default=3, metadata={"help": "epochs per fine-tune (raised to reach --min-steps)"})
+    min_steps: int = field(default=64, metadata={"help": "fewest optimizer steps per fine-tune: small seed sets get "
+                                                 "more epochs, so the student learns them (0: epochs alone)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (warmup, then cosine)"})
+    batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch (memory knob; "
                                                             "does not change the result)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -358,6 +360,17 @@ def run(cfg):
     return cfg.out
 
 
+def warn_if_undertrained(i, n_right, n_seed, stats, cfg):
+    """LLM2LLM's signal is which seed examples a student that has learned its seed set still gets wrong. A student
+    that gets most of its own training examples wrong has not learned them, and then "wrong" means nothing."""
+    print(f"iteration {i}: the student gets {n_right} of its {n_seed} seed (training) examples right "
+          f"after {stats['steps']} optimizer steps, final loss {stats['final_loss']:.3f}")
+    if n_right * 2 < n_seed:
+        print(f"warning: the student looks undertrained: it gets {n_seed - n_right} of the {n_seed} seed examples it "
+              f"was trained on wrong, so most seeds are sent to the teacher and targeting means little. "
+              f"Raise --min-steps (now {cfg.min_steps}), --epochs (now {cfg.epochs}) or --lr (now {cfg.lr:g}).")
+
+
 def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir):
     # 1. fine-tune: a fresh adapter on the frozen base ("from scratch"), or the previous one with --continue-training
     adapter_dir, stats_path = os.path.join(step_dir, "adapter"), os.path.join(step_dir, "train_stats.json")
@@ -375,11 +388,11 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
             load_adapter(model, previous)
         print(f"iteration {i}: training on {len(data)} examples")
         stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
-                      lr=cfg.lr, batch_size=cfg.batch_size, micro_batch_tokens=cfg.micro_batch_tokens,
-                      precision=cfg.precision, seed=cfg.seed + i, max_seq_len=cfg.max_seq_len,
+                      lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
+                      micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=cfg.seed + i, max_seq_len=cfg.max_seq_len,
                       checkpoint_path=checkpoint_path)
         save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
-        stats = {k: stats[k] for k in ("steps", "train_tokens", "train_seconds", "final_loss")}
+        stats = {k: stats[k] for k in ("steps", "epochs", "train_tokens", "train_seconds", "final_loss")}
         write_json(stats_path, stats)
         if os.path.exists(checkpoint_path):
             os.remove(checkpoint_path)
@@ -393,6 +406,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
     eval_seconds = time.time() - t0
     by_id = {p["id"]: p for p in seed_preds}
     wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
+    warn_if_undertrained(i, len(seed_rows) - len(wrong), len(seed_rows), stats, cfg)
 
     # 3. the teacher writes new examples from the wrong seed examples (none after the last iteration)
     accepted, rejected, unsatisfied, stopped = [], [], [], None

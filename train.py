@@ -177,10 +177,14 @@ def _load_checkpoint(path, plan, params, optimizer, scaler):
 # -----------------------------------------------------------------------------
 # The loop
 
-def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_batch_tokens=4096, warmup_frac=0.1,
-          weight_decay=0.0, grad_clip=1.0, precision=None, seed=0, max_seq_len=1024, checkpoint_path=None,
-          checkpoint_every_s=60.0, progress=True):
-    """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics."""
+def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_steps=0, micro_batch_tokens=4096,
+          warmup_frac=0.1, weight_decay=0.0, grad_clip=1.0, precision=None, seed=0, max_seq_len=1024,
+          checkpoint_path=None, checkpoint_every_s=60.0, progress=True):
+    """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics.
+
+    `epochs` is raised until the run takes at least `min_steps` optimizer steps: a seed set of 50 rows at 3 epochs
+    would otherwise get a handful of updates and stay unlearned, and LLM2LLM needs a student that has learned its
+    seed set, so that the examples it still gets wrong are real mistakes."""
     if not pairs:
         raise TrainingError("no training examples")
     params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -198,6 +202,8 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
         raise TrainingError(f"a prompt is {max_seq_len} tokens or longer, leaving no room for its answer: "
                             f"raise --max-seq-len")
     lengths = [len(ids) for ids, _ in examples]
+    steps_per_epoch = math.ceil(len(pairs) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     steps = plan_steps(lengths, batch_size, epochs, seed)
     micro_batch_tokens = max(micro_batch_tokens, max(lengths))  # a single long row always fits
     warmup = max(1, int(warmup_frac * len(steps)))
@@ -215,7 +221,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
     if progress:
         print(f"training on {len(pairs)} examples ({sum(lengths):,} tokens, {n_truncated} truncated to "
               f"{max_seq_len}): {len(steps)} steps of {batch_size} rows (~{sum(lengths) * epochs // len(steps):,} "
-              f"tokens/step), micro-batches of <= {micro_batch_tokens} tokens, {precision}, peak lr {lr:g}"
+              f"tokens/step, {epochs} epochs), micro-batches of <= {micro_batch_tokens} tokens, {precision}, peak lr {lr:g}"
               + (f", resuming at step {start_step}" if start_step else ""))
 
     model.train()
@@ -258,6 +264,6 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
             last_save = time.time()
     bar.close()
     model.eval()
-    return {"steps": len(steps), "train_tokens": tokens_seen, "train_seconds": time.time() - t0,
+    return {"steps": len(steps), "epochs": epochs, "train_tokens": tokens_seen, "train_seconds": time.time() - t0,
             "final_loss": loss_history[-1] if loss_history else None, "loss_history": loss_history,
             "resumed_at_step": start_step}

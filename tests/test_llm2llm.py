@@ -112,7 +112,7 @@ def teacher():
 
 def flags(student, data_dir, out, teacher_url, *extra):
     return ["--task", "sst2", "--data-dir", str(data_dir), "--student", str(student), "--teacher-url", teacher_url,
-            "--teacher-model", "scripted", "--seed-size", "6", "--iterations", "2", "--epochs", "2",
+            "--teacher-model", "scripted", "--seed-size", "6", "--iterations", "2", "--epochs", "2", "--min-steps", "0",
             "--batch-size", "4", "--max-new-tokens", "4", "--test-limit", "4", "--teacher-workers", "1",
             "--out", str(out), *extra]
 
@@ -274,6 +274,17 @@ def test_empty_seed_set(capsys, data_dir, tiny_llama_dir, tmp_path):
     err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", "http://127.0.0.1:9/v1",
                                   "--seed-size", "0"))
     assert "empty" in err
+
+
+def test_an_undertrained_student_is_named_as_such(capsys):
+    cfg = llm2llm.Config(min_steps=64, epochs=3, lr=1e-3)
+    stats = {"steps": 64, "final_loss": 1.234}
+    llm2llm.warn_if_undertrained(0, 28, 55, stats, cfg)  # 27 wrong: under half
+    out = capsys.readouterr().out
+    assert "gets 28 of its 55 seed (training) examples right" in out and "undertrained" not in out
+    llm2llm.warn_if_undertrained(0, 12, 55, stats, cfg)
+    out = capsys.readouterr().out
+    assert "looks undertrained" in out and "43 of the 55" in out and "--min-steps (now 64)" in out
 
 
 def test_missing_student_folder(capsys, data_dir, tmp_path):

@@ -246,6 +246,14 @@ def test_lr_schedule_warmup_peak_and_decay_to_ten_percent():
 # -----------------------------------------------------------------------------
 # The loop: learning, determinism, resume, NaN guard
 
+def test_min_steps_raises_the_epochs_of_a_small_set(model_dir, tokenizer):
+    # 4 rows, 3 per step: 2 steps an epoch, so 1 epoch is 2 steps and a floor of 7 steps needs 4 epochs
+    stats = train(student(model_dir), tokenizer, PAIRS, epochs=1, batch_size=3, min_steps=7, progress=False)
+    assert (stats["epochs"], stats["steps"]) == (4, 8)
+    stats = train(student(model_dir), tokenizer, PAIRS, epochs=5, batch_size=3, min_steps=7, progress=False)
+    assert (stats["epochs"], stats["steps"]) == (5, 10)  # enough epochs already: the floor changes nothing
+
+
 def test_training_memorises_a_tiny_set(model_dir, tokenizer):
     model = student(model_dir)
     stats = train(model, tokenizer, PAIRS, epochs=30, batch_size=4, lr=1e-2, warmup_frac=0.1, progress=False)
