@@ -179,8 +179,9 @@ def _load_checkpoint(path, plan, params, optimizer, scaler):
 
 def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_batch_tokens=4096, warmup_frac=0.1,
           weight_decay=0.0, grad_clip=1.0, precision=None, seed=0, max_seq_len=1024, checkpoint_path=None,
-          checkpoint_every_s=60.0, progress=True):
-    """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics."""
+          checkpoint_every_s=60.0, progress=True, max_steps=None):
+    """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics.
+    max_steps, if given, replaces `epochs`: exactly that many optimizer steps, cycling through the data in epochs."""
     if not pairs:
         raise TrainingError("no training examples")
     params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -198,7 +199,9 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
         raise TrainingError(f"a prompt is {max_seq_len} tokens or longer, leaving no room for its answer: "
                             f"raise --max-seq-len")
     lengths = [len(ids) for ids, _ in examples]
-    steps = plan_steps(lengths, batch_size, epochs, seed)
+    if max_steps is not None:  # enough whole epochs of the usual plan, cut at max_steps
+        epochs = math.ceil(max_steps / len(plan_steps(lengths, batch_size, 1, seed)))
+    steps = plan_steps(lengths, batch_size, epochs, seed)[:max_steps]
     micro_batch_tokens = max(micro_batch_tokens, max(lengths))  # a single long row always fits
     warmup = max(1, int(warmup_frac * len(steps)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
