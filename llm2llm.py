@@ -13,6 +13,7 @@ Usage:
     python llm2llm.py --task sst2 --student PATH --teacher-url http://localhost:8000/v1 --teacher-model M
     python llm2llm.py serve --model PATH_OR_ID [--port 8000]      # OpenAI-compatible teacher server
     python llm2llm.py report runs/gsm8k-...                       # table, report.md, report.svg
+    python llm2llm.py compare --task sst2 --seeds 0,1,2 --out runs/cmp   # baselines over seeds (compare.py)
 
 This file holds the configuration (one dataclass = the command-line flags), the run directory with its resume
 logic, and the loop. Loading and decoding are in generate.py, training in train.py, adapters in lora.py, tasks and
@@ -117,7 +118,9 @@ AUGMENT_CHOICES = ("wrong", "all", "random")
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="llm2llm.py", description=__doc__.split("\n\n")[0],
                                      epilog="subcommands: `llm2llm.py serve --model M` runs the OpenAI-compatible "
-                                            "teacher server; `llm2llm.py report RUN_DIR` prints a run's report.")
+                                            "teacher server; `llm2llm.py report RUN_DIR` prints a run's report; "
+                                            "`llm2llm.py compare --arms ... --seeds ...` compares baselines "
+                                            "(see compare.py).")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -458,7 +461,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
 
 
 # -----------------------------------------------------------------------------
-# Entry point: `python llm2llm.py [flags]` runs the loop; `serve` and `report` are subcommands.
+# Entry point: `python llm2llm.py [flags]` runs the loop; `serve`, `report` and `compare` are subcommands.
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -466,6 +469,9 @@ def main(argv=None):
     try:
         if argv[:1] == ["serve"]:
             return serve_main(argv[1:])
+        if argv[:1] == ["compare"]:
+            from compare import main as compare_main  # compare.py drives this file's run(), so it is imported late
+            return compare_main(argv[1:])
         if argv[:1] == ["report"]:
             if len(argv) != 2:
                 raise RunError("usage: python llm2llm.py report RUN_DIR")
