@@ -24,6 +24,7 @@ import compare
 import llm2llm
 from conftest import load_pretrained
 from lora import add_lora
+from tasks import get_task
 from train import train
 
 POSITIVE = ["a gorgeous , witty , seductive movie", "the film is a delight from start to finish",
@@ -198,6 +199,25 @@ def test_random_parents_are_a_seeded_uniform_draw_of_as_many_as_are_wrong():
     assert len({tuple(r["id"] for r in d) for d in draws}) > 150  # iterations draw differently (210 subsets)
     assert llm2llm.choose_parents(llm2llm.Config(augment="all"), seed_rows, wrong, 1) == seed_rows
     assert llm2llm.choose_parents(llm2llm.Config(), seed_rows, wrong, 1) == wrong
+
+
+def test_the_student_answer_is_shown_only_for_the_seeds_it_got_wrong():
+    class RecordingTeacher:  # no reply at all: augment asks once per parent and gives up
+        budget_exhausted, jobs = False, []
+
+        def chat_many(self, jobs):
+            self.jobs += jobs
+            return [{"choices": [], "prompt_tokens": 0, "completion_tokens": 0, "cache_key": "k", "error": None}
+                    for _ in jobs]
+
+    task = get_task("sst2")
+    rows = [{"id": "right", "text": "a smart and funny comedy", "label": "positive"},
+            {"id": "wrong", "text": "it is a triumph", "label": "positive"}]
+    predictions = {"right": {"answer": "positive", "correct": True}, "wrong": {"answer": "negative", "correct": False}}
+    teacher = RecordingTeacher()
+    cfg = llm2llm.Config(augment="all", show_student_answer=True, teacher_max_asks=1)
+    llm2llm.augment(task, teacher, rows, predictions, rows, [], 0, cfg)
+    assert [job["messages"][-1]["content"].count('answered "negative"') for job in teacher.jobs] == [0, 1]
 
 
 def test_finetune_matched_takes_as_many_steps_as_the_final_llm2llm_student(comparison):
