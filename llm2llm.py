@@ -13,6 +13,7 @@ Usage:
     python llm2llm.py --task sst2 --student PATH --teacher-url http://localhost:8000/v1 --teacher-model M
     python llm2llm.py serve --model PATH_OR_ID [--port 8000]      # OpenAI-compatible teacher server
     python llm2llm.py report runs/gsm8k-...                       # table, report.md, report.svg
+    python llm2llm.py compare --task sst2 --seeds 0,1,2 --out runs/cmp   # baselines over seeds (compare.py)
 
 This file holds the configuration (one dataclass = the command-line flags), the run directory with its resume
 logic, and the loop. Loading and decoding are in generate.py, training in train.py, adapters in lora.py, tasks and
@@ -21,6 +22,7 @@ teacher prompts in tasks.py and prompts/, the teacher client in teacher.py, the 
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -79,9 +81,14 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed for seed sampling, LoRA init, data order, teacher"})
     iterations: int = field(default=10, metadata={"help": "augmentation rounds after the first fine-tune"})
     aug_per_wrong: int = field(default=1, metadata={"help": "new examples asked per wrong seed example"})
+    augment: str = field(default="wrong", metadata={"help": "which seed examples the teacher gets as parents: wrong "
+                                                    "(LLM2LLM), all, or random (as many as are wrong, drawn from "
+                                                    "all seed examples: the same teacher budget)"})
     epochs: int = field(default=3, metadata={"help": "epochs per fine-tune (raised to reach --min-steps)"})
     min_steps: int = field(default=64, metadata={"help": "fewest optimizer steps per fine-tune: small seed sets get "
                                                  "more epochs, so the student learns them (0: epochs alone)"})
+    train_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps per fine-tune, overriding "
+                                                               "--epochs and --min-steps (the data is cycled as needed)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (warmup, then cosine)"})
     batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
     micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch (memory knob; "
@@ -100,17 +107,22 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     precision: Optional[str] = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: bf16 on CUDA, "
                                                              "fp32 on CPU)"})
+    teacher_cache: Optional[str] = field(default=None, metadata={"help": "folder of cached teacher replies "
+                                                                 "(default <out>/teacher_cache); runs may share one"})
     force: bool = field(default=False, metadata={"help": "start over in an --out that holds a different run"})
 
 
 # fields that do not change what a run computes, so a resumed run may differ in them
-RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_key_env", "teacher_url", "device"}
+RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_key_env", "teacher_url", "device", "teacher_cache"}
+AUGMENT_CHOICES = ("wrong", "all", "random")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="llm2llm.py", description=__doc__.split("\n\n")[0],
                                      epilog="subcommands: `llm2llm.py serve --model M` runs the OpenAI-compatible "
-                                            "teacher server; `llm2llm.py report RUN_DIR` prints a run's report.")
+                                            "teacher server; `llm2llm.py report RUN_DIR` prints a run's report; "
+                                            "`llm2llm.py compare --arms ... --seeds ...` compares baselines "
+                                            "(see compare.py).")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -194,21 +206,35 @@ def evaluate(model, tokenizer, task, rows, path, cfg, desc):
 
 
 # -----------------------------------------------------------------------------
-# Augmentation: the teacher writes new examples from the wrong SEED examples only. A seed whose replies are all
-# rejected is asked again (a new sample index, so a new cache key) up to --teacher-max-asks times, then reported.
+# Augmentation: the teacher writes new examples from SEED examples only: the wrong ones (LLM2LLM), or, for the
+# paper's ablations, all of them or a random draw of the same size. A seed whose replies are all rejected is asked
+# again (a new sample index, so a new cache key) up to --teacher-max-asks times, then reported.
 
-def augment(task, teacher, wrong, predictions, known_rows, test_rows, iteration, cfg):
-    need = {row["id"]: cfg.aug_per_wrong for row in wrong}
+def choose_parents(cfg, seed_rows, wrong, iteration):
+    """The seed examples the teacher writes from, in seed order. `random` draws as many as are wrong, uniformly
+    among all seed examples, seeded by the run seed and the iteration, so a resumed run draws the same ones."""
+    if cfg.augment == "all":
+        return list(seed_rows)
+    if cfg.augment == "random":
+        rng = random.Random(f"augment-random-{cfg.seed}-{iteration}")  # a str seed hashes the same in every process
+        chosen = {row["id"] for row in rng.sample(seed_rows, len(wrong))}
+        return [row for row in seed_rows if row["id"] in chosen]
+    return wrong
+
+
+def augment(task, teacher, parents, predictions, known_rows, test_rows, iteration, cfg):
+    need = {row["id"]: cfg.aug_per_wrong for row in parents}
     accepted, rejected = [], []
     # tokens and replies this augmentation used, whether paid now or read from the cache, so a resumed run reports
     # the same numbers as an uninterrupted one
     usage = Counter()
     for ask in range(cfg.teacher_max_asks):
-        asking = [row for row in wrong if need[row["id"]] > 0]
+        asking = [row for row in parents if need[row["id"]] > 0]
         if not asking or teacher.budget_exhausted:
             break
-        jobs = [{"messages": task.teacher_messages(
-            row, need[row["id"]], predictions[row["id"]]["answer"] if cfg.show_student_answer else None),
+        # the student's answer is shown only where it is wrong (--augment all/random also send right ones)
+        jobs = [{"messages": task.teacher_messages(row, need[row["id"]], predictions[row["id"]]["answer"] if (
+            cfg.show_student_answer and not predictions[row["id"]]["correct"]) else None),
             # a new sample index per iteration and ask: the same seed asked again must get a fresh reply, not the
             # cached one from an earlier iteration
             "sample": iteration * cfg.teacher_max_asks + ask} for row in asking]
@@ -292,7 +318,8 @@ class LazyTeacher:
             except RuntimeError as e:
                 raise RunError(str(e))
             self.client = Teacher(url, cfg.teacher_model, api_key_env=cfg.teacher_key_env,
-                                  cache_dir=os.path.join(cfg.out, "teacher_cache"), workers=cfg.teacher_workers,
+                                  cache_dir=cfg.teacher_cache or os.path.join(cfg.out, "teacher_cache"),
+                                  workers=cfg.teacher_workers,
                                   budget_tokens=cfg.teacher_budget_tokens, temperature=cfg.teacher_temperature,
                                   max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
         return self.client
@@ -313,6 +340,10 @@ def run(cfg):
     for name in ("iterations", "aug_per_wrong", "epochs", "teacher_max_asks", "eval_batch_size", "batch_size"):
         if getattr(cfg, name) < (0 if name == "iterations" else 1):
             raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.train_steps is not None and cfg.train_steps < 1:
+        raise RunError(f"--train-steps must be positive, got {cfg.train_steps}")
+    if cfg.augment not in AUGMENT_CHOICES:
+        raise RunError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {cfg.augment!r}")
     device = resolve_device(cfg.device)
     train_rows = task.load("train", cfg.data_dir)
     test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
@@ -388,9 +419,9 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
             load_adapter(model, previous)
         print(f"iteration {i}: training on {len(data)} examples")
         stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
-                      lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
-                      micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=cfg.seed + i, max_seq_len=cfg.max_seq_len,
-                      checkpoint_path=checkpoint_path)
+                      max_steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
+                      micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=cfg.seed + i,
+                      max_seq_len=cfg.max_seq_len, checkpoint_path=checkpoint_path)
         save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
         stats = {k: stats[k] for k in ("steps", "epochs", "train_tokens", "train_seconds", "final_loss")}
         write_json(stats_path, stats)
@@ -408,18 +439,21 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
     wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
     warn_if_undertrained(i, len(seed_rows) - len(wrong), len(seed_rows), stats, cfg)
 
-    # 3. the teacher writes new examples from the wrong seed examples (none after the last iteration)
-    accepted, rejected, unsatisfied, stopped = [], [], [], None
+    # 3. the teacher writes new examples from the wrong seed examples, or with --augment from all or a random draw
+    # of as many (none after the last iteration, and none once no seed is wrong: the loop stops there)
+    accepted, rejected, unsatisfied, stopped, parents = [], [], [], None, []
     t0 = time.time()
     aug_path, rejected_path = os.path.join(step_dir, "augmented.jsonl"), os.path.join(step_dir, "rejected.jsonl")
     if i < cfg.iterations and wrong:
         client = teacher.get()
         requests_before = client.requests
-        accepted, rejected, unsatisfied, usage = augment(task, client, wrong, by_id, data, test_rows, i, cfg)
-        print(f"teacher: {len(accepted)} new examples from {len(wrong)} wrong seeds, {len(rejected)} rejected, "
+        parents = choose_parents(cfg, seed_rows, wrong, i)
+        accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i, cfg)
+        print(f"teacher: {len(accepted)} new examples from {len(parents)} seeds ({len(wrong)} wrong, --augment "
+              f"{cfg.augment}), {len(rejected)} rejected, "
               f"{client.requests - requests_before} HTTP requests for {usage['replies']} replies (the rest from the cache)")
         if unsatisfied:
-            print(f"{len(unsatisfied)} wrong seed example(s) got no acceptable new example after "
+            print(f"{len(unsatisfied)} seed example(s) got no acceptable new example after "
                   f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
         if client.budget_exhausted:
             stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
@@ -429,7 +463,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
     write_jsonl(aug_path, accepted)
     teacher_seconds = time.time() - t0
     return {"iteration": i, "train_size": len(data), "n_seed": len(seed_rows), "n_wrong": len(wrong),
-            "n_augmented": len(accepted), "n_rejected": len(rejected),
+            "n_parents": len(parents), "n_augmented": len(accepted), "n_rejected": len(rejected),
             "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)), "unsatisfied": unsatisfied,
             "seed_acc": 1 - len(wrong) / len(seed_rows),
             "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
@@ -441,7 +475,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
 
 
 # -----------------------------------------------------------------------------
-# Entry point: `python llm2llm.py [flags]` runs the loop; `serve` and `report` are subcommands.
+# Entry point: `python llm2llm.py [flags]` runs the loop; `serve`, `report` and `compare` are subcommands.
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -449,6 +483,9 @@ def main(argv=None):
     try:
         if argv[:1] == ["serve"]:
             return serve_main(argv[1:])
+        if argv[:1] == ["compare"]:
+            from compare import main as compare_main  # compare.py drives this file's run(), so it is imported late
+            return compare_main(argv[1:])
         if argv[:1] == ["report"]:
             if len(argv) != 2:
                 raise RunError("usage: python llm2llm.py report RUN_DIR")

@@ -177,14 +177,15 @@ def _load_checkpoint(path, plan, params, optimizer, scaler):
 # -----------------------------------------------------------------------------
 # The loop
 
-def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_steps=0, micro_batch_tokens=4096,
-          warmup_frac=0.1, weight_decay=0.0, grad_clip=1.0, precision=None, seed=0, max_seq_len=1024,
-          checkpoint_path=None, checkpoint_every_s=60.0, progress=True):
+def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_steps=0, max_steps=None,
+          micro_batch_tokens=4096, warmup_frac=0.1, weight_decay=0.0, grad_clip=1.0, precision=None, seed=0,
+          max_seq_len=1024, checkpoint_path=None, checkpoint_every_s=60.0, progress=True):
     """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics.
 
     `epochs` is raised until the run takes at least `min_steps` optimizer steps: a seed set of 50 rows at 3 epochs
     would otherwise get a handful of updates and stay unlearned, and LLM2LLM needs a student that has learned its
-    seed set, so that the examples it still gets wrong are real mistakes."""
+    seed set, so that the examples it still gets wrong are real mistakes. `max_steps`, if given, replaces both:
+    exactly that many optimizer steps, cycling through the data in epochs."""
     if not pairs:
         raise TrainingError("no training examples")
     params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -202,9 +203,12 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
         raise TrainingError(f"a prompt is {max_seq_len} tokens or longer, leaving no room for its answer: "
                             f"raise --max-seq-len")
     lengths = [len(ids) for ids, _ in examples]
-    steps_per_epoch = math.ceil(len(pairs) / batch_size)
-    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
-    steps = plan_steps(lengths, batch_size, epochs, seed)
+    steps_per_epoch = len(plan_steps(lengths, batch_size, 1, seed))
+    if max_steps is not None:  # enough whole epochs of the usual plan, cut at max_steps
+        epochs = math.ceil(max_steps / steps_per_epoch)
+    else:
+        epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    steps = plan_steps(lengths, batch_size, epochs, seed)[:max_steps]
     micro_batch_tokens = max(micro_batch_tokens, max(lengths))  # a single long row always fits
     warmup = max(1, int(warmup_frac * len(steps)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
