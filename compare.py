@@ -10,7 +10,8 @@ seeds and says how sure the difference is:
 Every arm x seed is an ordinary run directory, DIR/<arm>-seed<k>, made by llm2llm.run() with the loop flags given
 plus what the arm changes; read any of them with `llm2llm.py report`. A killed comparison resumes where it
 stopped when run again with the same command: finished runs are not touched, an unfinished one resumes as any run
-does, and every teacher reply is cached. Arms (--arms, comma-separated; default finetune,finetune-matched,llm2llm,
+does, and every teacher reply is cached. The first student (iteration 0) is the same in every arm but
+finetune-matched, so it is trained once per seed, in the llm2llm run, and shared. Arms (--arms, comma-separated; default finetune,finetune-matched,llm2llm,
 random; llm2llm is always run, since the paired tests and two arms' budgets are measured against it):
 
     finetune          iteration 0 only: fine-tuning on the seed set
@@ -38,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import zlib
 from dataclasses import asdict, replace
@@ -129,6 +131,28 @@ def arm_config(base, arm, seed, out, reference=None):
         first_wrong = reference["metrics"][0]["n_wrong"]
         cfg.aug_per_wrong = max(1, math.ceil(reference["teacher_accepted"] / first_wrong)) if first_wrong else 1
     return cfg
+
+
+# Every arm but finetune-matched starts with the same first student as llm2llm: the same seed set, flags and seed,
+# and iteration 0 is a fresh adapter in all of them (--continue-training only changes later iterations). So that
+# student is trained and evaluated once per seed, in the llm2llm run, and its files are copied into the other arms'
+# iteration 0; each arm still runs its own teacher stage from there. This saves a fine-tune and two evaluations per
+# arm and seed, and the arms are compared on one common first student.
+FIRST_STUDENT_FILES = ("adapter", "train_stats.json", "seed_predictions.jsonl", "test_predictions.jsonl")
+
+
+def share_first_student(reference_dir, cfg):
+    source, target = os.path.join(reference_dir, "iter_00"), os.path.join(cfg.out, "iter_00")
+    if not all(os.path.exists(os.path.join(source, name)) for name in FIRST_STUDENT_FILES):
+        return
+    if os.path.exists(os.path.join(target, "train_stats.json")):
+        return  # already there, or this arm trained its own
+    os.makedirs(target, exist_ok=True)
+    for name in ("seed_predictions.jsonl", "test_predictions.jsonl"):
+        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    shutil.copytree(os.path.join(source, "adapter"), os.path.join(target, "adapter"), dirs_exist_ok=True)
+    # train_stats.json last: run_iteration trusts an adapter only once its stats are there
+    shutil.copyfile(os.path.join(source, "train_stats.json"), os.path.join(target, "train_stats.json"))
 
 
 def is_finished(cfg):
@@ -452,6 +476,8 @@ def compare(base, arms, seeds, args, run=None):
                 print(f"[{count}/{len(arms) * len(seeds)}] {arm}, seed {seed}: finished in {cfg.out}")
             else:
                 print(f"[{count}/{len(arms) * len(seeds)}] {arm}, seed {seed}: running in {cfg.out}")
+                if arm not in (REFERENCE, "finetune-matched"):
+                    share_first_student(arm_config(base, REFERENCE, seed, args.out).out, cfg)
                 run(cfg)
             results[arm, seed] = load_result(cfg.out)
         table = write_outputs(summarize(results, arms, seeds, base, args), base, args.out)

@@ -367,6 +367,23 @@ def test_an_interrupted_comparison_resumes_to_the_same_compare_json(comparison, 
     assert without_seconds(json.loads((out / "compare.json").read_text())) == without_seconds(reference)
 
 
+def test_the_first_student_is_trained_once_per_seed_and_shared(tiny_llama_dir, data_dir, teacher, tmp_path,
+                                                              monkeypatch):
+    out = tmp_path / "cmp"
+    real_train, calls = llm2llm.train, []
+    monkeypatch.setattr(llm2llm, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    argv = compare_argv(tiny_llama_dir, data_dir, out, teacher.url, arms="finetune,llm2llm,random")
+    argv[argv.index("--seeds") + 1] = "0"
+    assert llm2llm.main(argv) == 0
+    llm2llm_trains = len(metrics(out / "llm2llm-seed0"))
+    random_trains = len(metrics(out / "random-seed0")) - 1  # its iteration 0 is llm2llm's
+    assert len(calls) == llm2llm_trains + random_trains  # finetune trains nothing of its own
+    for arm in ("finetune", "random"):
+        for name in ("adapter/adapter_model.safetensors", "train_stats.json", "test_predictions.jsonl"):
+            assert (out / f"{arm}-seed0" / "iter_00" / name).read_bytes() == \
+                (out / "llm2llm-seed0" / "iter_00" / name).read_bytes()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--augment", "all"], "--augment: set by each arm"),
     (["--seed", "3"], "--seed: set by each arm"),
