@@ -63,7 +63,9 @@ def _number_value(match):
     value = Fraction(match["int"].replace(",", "") + (match["dec"] or ""))
     if match["den"] and int(match["den"]) != 0:
         value /= int(match["den"])
-    return -value if (match["neg"] or match["neg2"]) else value
+    # "-" is a sign only where no digit (or closing parenthesis) precedes it: "20 - 18" is a subtraction, not -18
+    negative = (match["neg"] or match["neg2"]) and not re.search(r"[\d)]\s*$", match.string[:match.start()])
+    return -value if negative else value
 
 
 def parse_number(text):
@@ -90,22 +92,56 @@ def format_number(value):
     return f"{'-' if value < 0 else ''}{scaled[:-digits]}.{scaled[-digits:]}"
 
 
+# Grading is strict, and the same for gold answers, seed evaluation and test evaluation. A GSM8K answer is the
+# number on its FIRST "####" line: a student that runs on after its answer ("#### 18\n\nQuestion: ... #### 7") is
+# graded on what it answered first, and one cut off before any "####" is wrong, not graded on whatever number it
+# last wrote. Without "####" (a user's own number task) the answer is the number that opens it ("Answer: 12 apples")
+# or the only number in it; "3 or 4" and "2+2 = 4" are wrong.
+
 def extract_number(text):
-    """The number after the last "####" (on that line), else the last number in the text; None if none."""
+    """The first number on the first "####" line, or None (no "####", or no number on that line)."""
     text = str(text)
-    marker = text.rfind("####")
-    if marker >= 0:
-        match = NUMBER_RE.search(text[marker + 4:].split("\n", 1)[0])
-        if match:
-            return _number_value(match)
-    matches = list(NUMBER_RE.finditer(text))
-    return _number_value(matches[-1]) if matches else None
+    marker = text.find("####")
+    if marker < 0:
+        return None
+    match = NUMBER_RE.search(text[marker + 4:].split("\n", 1)[0])
+    return _number_value(match) if match else None
+
+
+ANSWER_PREFIX_RE = re.compile(r"^[\s*_#>`-]*(?:[^\W\d][^:\n]{0,40}:)?[\s*_`]*")  # "**Answer:** ", "Label: "
+SENTENCE_END_RE = re.compile(r"\n|[.!;](?=\s|$)")  # "4.5" and "U.S.C." do not end one; "?" commits to nothing
+
+
+def answer_number(text):
+    """The "####" number if there is a "####", else the only number in the answer, or the number that opens it
+    when its first sentence holds no other ("Answer: 42. Since 40 + 2 = 42" but not "3 or 4"); else None."""
+    text = str(text)
+    if "####" in text:
+        return extract_number(text)
+    values = {_number_value(m) for m in NUMBER_RE.finditer(text)}
+    if len(values) == 1:
+        return values.pop()
+    first_sentence = SENTENCE_END_RE.split(text[ANSWER_PREFIX_RE.match(text).end():], maxsplit=1)[0]
+    opening = NUMBER_RE.match(first_sentence)
+    if opening and {_number_value(m) for m in NUMBER_RE.finditer(first_sentence)} == {_number_value(opening)}:
+        return _number_value(opening)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Labels and exact strings. Students and teachers write "Positive.", "**NUM**", "Play Music", "holding_2":
-# comparing lowercase alphanumeric runs, joined, against each label makes all of these match without
-# accepting a word that is merely similar ("positively" is not "positive").
+# Labels and exact strings. Students and teachers write "Positive.", "**NUM**", "Play Music", "add to play list",
+# "add_to_playlist", "holding_2": comparing runs of lowercase alphanumeric words, joined, against each label with
+# its case, spaces, underscores and punctuation removed makes all of these match, without accepting a word that is
+# merely similar ("positively" is not "positive").
+#
+# An answer counts as a label only when it commits to one. It names exactly one label, not counting a label
+# directly after a negation ("not positive", "isn't DESC", "non-negative"), so "The sentiment is not positive; it
+# is negative." is negative; or it opens with the label (after an optional "Answer:"-style prefix) and its first
+# sentence names no other ("NUM. It is not a description, so not DESC."). Hedges and lists ("negative or
+# positive", "DESC or NUM", "DESC/NUM") name two labels and open with neither alone: wrong.
+
+NEGATIONS = {"not", "no", "never", "neither", "nor", "non", "t", "cannot", "without"}  # "isn't" -> "isn", "t"
+
 
 def _words(text):
     return re.findall(r"[a-z0-9]+", str(text).lower())
@@ -115,23 +151,47 @@ def _label_key(label):
     return "".join(_words(label))
 
 
-def labels_in(text, labels):
-    """The labels named in `text`, in order of appearance (case, spacing and punctuation ignored)."""
-    keys = {_label_key(label): label for label in labels}
-    longest = max((len(_words(label)) for label in labels), default=1) + 2  # "add to play list" spellings
+def label_mentions(text, labels):
+    """[(label, word index, negated)] for each label named in `text`, in order (case, spacing, punctuation ignored)."""
+    keys = {_label_key(label): label for label in labels if _label_key(label)}
+    longest = max(map(len, keys), default=0)
     words, found, start = _words(text), [], 0
     while start < len(words):
-        end = next((end for end in range(min(len(words), start + longest), start, -1)
-                    if "".join(words[start:end]) in keys), None)
-        if end:
-            found.append(keys["".join(words[start:end])])
-        start = end or start + 1
+        joined, end, match = "", start, None
+        while end < len(words) and len(joined) + len(words[end]) <= longest:  # "add to play list": 4 words
+            joined += words[end]
+            end += 1
+            if joined in keys:
+                match = end
+        if match:
+            found.append((keys["".join(words[start:match])], start, start > 0 and words[start - 1] in NEGATIONS))
+        start = match or start + 1
     return found
 
 
+def labels_in(text, labels):
+    """The labels named in `text`, in order of appearance, negated or not."""
+    return [label for label, _, _ in label_mentions(text, labels)]
+
+
+def _named(mentions):
+    return {label for label, _, negated in mentions if not negated}
+
+
 def match_label(text, labels):
-    """The label named first in `text`, or None: "Sentiment: **Positive**." -> "positive"."""
-    return next(iter(labels_in(text, labels)), None)
+    """The one label the answer commits to, or None (see above): "Sentiment: **Positive**." -> "positive"."""
+    named = _named(label_mentions(text, labels))
+    if len(named) == 1:
+        return named.pop()
+    text = str(text)
+    body = text[ANSWER_PREFIX_RE.match(text).end():]
+    if _named(label_mentions(text[:len(text) - len(body)], labels)):  # no prefix but an answer: "positive: it ..."
+        body = text
+    first_sentence = SENTENCE_END_RE.split(body.strip(), maxsplit=1)[0]
+    mentions = label_mentions(first_sentence, labels)
+    if mentions and mentions[0][1] == 0 and _named(mentions) == {mentions[0][0]}:
+        return mentions[0][0]
+    return None
 
 
 def canonical_label(value, labels):
@@ -359,7 +419,8 @@ class Task:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 return f"field {name!r} must be a string, got {type(value).__name__}"
         if self.answer_type == "number" and self.answer_value(row) is None:
-            return f"{self.target_field!r} has no number" + (" after '####'" if self.rationale else "")
+            return f"{self.target_field!r} has no number" + (
+                " on its '####' line" if self.rationale else " (write it first, or as the only number, or after '####')")
         if self.answer_type == "label" and canonical_label(row[self.target_field], self.labels) is None:
             return f"label {row[self.target_field]!r} is not one of {self.labels}"
         return None
@@ -373,10 +434,12 @@ class Task:
         return self.gold(row) if self.answer_type == "label" else str(row[self.target_field]).strip()
 
     def answer_value(self, row):
-        target = str(row[self.target_field])
-        if self.rationale:  # gold and teacher rationales must state the number on their "####" line
-            return parse_number(target.split("####")[-1].split("\n")[0]) if "####" in target else None
-        return parse_number(target)
+        """The number a gold or generated row answers, read exactly as a student's answer is (None if none)."""
+        return self.read_number(row[self.target_field])
+
+    def read_number(self, text):
+        # a rationale (gsm8k) must state its answer on a "####" line; other number tasks may also answer plainly
+        return extract_number(text) if self.rationale else answer_number(text)
 
     def gold(self, row):
         if self.answer_type == "number":
@@ -387,7 +450,7 @@ class Task:
 
     def extract(self, text):
         if self.answer_type == "number":
-            value = extract_number(text)
+            value = self.read_number(text)
             return None if value is None else format_number(value)
         if self.answer_type == "label":
             return match_label(text, self.labels)
@@ -396,7 +459,8 @@ class Task:
 
     def is_correct(self, text, row):
         if self.answer_type == "number":
-            return extract_number(text) == self.answer_value(row)
+            value = self.read_number(text)
+            return value is not None and value == self.answer_value(row)
         answer = self.extract(text)
         if answer is None:
             return False
@@ -519,9 +583,9 @@ def get_task(name_or_path, test_file=None, answer_type="exact", labels=None):
     """A built-in task by name, or a user's own task from a JSONL train file of {"input", "output"} rows.
 
     A user's own task: `test_file` is its test split (another JSONL file of the same shape); answer_type is
-    "exact" (outputs compared after case/space/punctuation normalization), "number" (the last number, or the
-    one after "####", compared numerically) or "label" (the label named first in the generation; labels are the
-    distinct outputs of the train file unless `labels` is given).
+    "exact" (outputs compared after case/space/punctuation normalization), "number" (the number on the first
+    "####" line, else the only number or the one that opens the answer, compared numerically) or "label" (the one
+    label the answer commits to; labels are the distinct outputs of the train file unless `labels` is given).
     """
     if name_or_path in TASKS:
         return TASKS[name_or_path]

@@ -36,21 +36,32 @@ def casehold_row(label=2, prompt="The search went too far. See Smith v. Jones, 1
 @pytest.mark.parametrize("text, expected", [
     ("Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", Fraction(72)),
     ("#### 1,200", Fraction(1200)),
-    ("She earned $1,200.50 in total.", Fraction("1200.5")),
-    ("The temperature drops to -5 degrees.", Fraction(-5)),
-    ("He is left with $-5", Fraction(-5)),
-    ("Each gets 1/2 of a pizza", Fraction(1, 2)),                   # a fraction, not twelve
-    ("The answer is 3.0", Fraction(3)),
-    ("Half is .5", Fraction(1, 2)),
-    ("10-5=5 so the answer is 5", Fraction(5)),                     # "10-5" is no negative five
-    ("#### 18\n\nNow a new question: how many are 40 and 2?", Fraction(18)),  # the #### answer wins
-    ("#### \nso the total is 42 apples.", Fraction(42)),            # empty #### line: last number
-    ("I think 12, no wait, 1,500, final: 1,2000", Fraction(2000)),  # "1,2000" is not a thousands group
+    ("#### She earned $1,200.50 in total.", Fraction("1200.5")),
+    ("#### The temperature drops to -5 degrees.", Fraction(-5)),
+    ("#### $-5", Fraction(-5)),
+    ("#### 1/2", Fraction(1, 2)),                                   # a fraction, not twelve
+    ("#### 3.0", Fraction(3)),
+    ("#### .5", Fraction(1, 2)),
+    ("#### 20 - 18 = 2", Fraction(20)),                             # the first number on the line, unsigned
+    ("#### 18\n\nNow a new question: how many are 40 and 2?\n#### 42", Fraction(18)),  # the first #### wins
+    ("#### \nso the total is 42 apples.", None),                    # a #### line without a number: no answer
+    ("so 20 - 18\n####", None),
+    ("She earned $1,200.50 in total.", None),                        # no ####: no answer, whatever the numbers
     ("The answer is forty-two.", None),
     ("", None),
 ])
 def test_extract_number(text, expected):
     assert tasks.extract_number(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("-5", Fraction(-5)), ("x = -5", Fraction(-5)), ("$-5", Fraction(-5)), ("\u22125", Fraction(-5)),
+    ("20 - 18", Fraction(20)), ("20 -18", Fraction(20)), ("(3+4) -2", Fraction(3)),
+])
+def test_parse_number_sign(text, expected):
+    assert tasks.parse_number(text) == expected
+    numbers = [tasks._number_value(m) for m in tasks.NUMBER_RE.finditer(text)]
+    assert all(n >= 0 for n in numbers[1:])          # a "-" after a digit or ")" is never a sign
 
 
 @pytest.mark.parametrize("generated, gold, correct", [
@@ -60,8 +71,9 @@ def test_extract_number(text, expected):
     ("#### -5", "-5", True),
     ("#### 5", "-5", False),
     ("#### 12", "0.5", False),
-    ("The answer is 1/2", "0.5", True),
-    ("She has 7 apples", "7", True),
+    ("#### 1/2", "0.5", True),
+    ("The answer is 1/2", "0.5", False),             # no "####"
+    ("She has 7 apples", "7", False),
     ("no idea", "7", False),
     ("#### 7.01", "7", False),
 ])
@@ -426,7 +438,7 @@ def test_load_malformed(tmp_path, lines, message):
 def test_load_gsm8k_without_final_answer(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "the answer is 5"}) + "\n")
-    with pytest.raises(TaskError, match=r"test.jsonl:1: 'answer' has no number after '####'"):
+    with pytest.raises(TaskError, match=r"test.jsonl:1: 'answer' has no number on its '####' line"):
         GSM8K.load("test", tmp_path)
 
 
