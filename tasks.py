@@ -210,6 +210,8 @@ def normalize_text(text):
 # parentheses, and nothing else, does the arithmetic (no eval, no ast on arbitrary code).
 
 NOTE_RE = re.compile(r"<<(.*?)>>", re.S)
+# a GSM8K answer must show working before its "####" line: a calculator note, an "=", or an operation on numbers
+WORKING_RE = re.compile(r"<<|=|\d\s*[-+*/\u00d7\u00f7x]\s*\$?\d")
 NOTE_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(//|.))")
 
 
@@ -284,10 +286,10 @@ def check_calculations(rationale):
             value = safe_arithmetic(expr)
         except (ValueError, ZeroDivisionError):
             return "bad_calculation"
-        # "10/3=3.33" and "7/2=3" (whole items) are fine; "12*3=38" is not: allow one unit of the last shown
-        # digit, so rounding and truncation both pass.
+        # "10/3=3.33" and "1/3=0.33" are fine: the result may differ from the exact value by at most half a unit
+        # of its last shown digit, as a rounded result does. "0.5+0.4=0", "2.6+0.3=2" and "12*3=38" are not.
         decimals = len(result.split(".")[1].strip(" %")) if "." in result else 0
-        if abs(value - result_value) >= Fraction(1, 10**decimals):
+        if abs(value - result_value) > Fraction(1, 2 * 10**decimals):
             return "bad_calculation"
     return None
 
@@ -320,20 +322,22 @@ def fill(template, values, source):
 
 # ----------------------------------------------------------------------------------------------------------
 # Teacher replies. Items are numbered "Key: value" blocks; real replies add preambles ("Sure! Here are..."),
-# markdown bold, "### Example 2" headers and closing chatter. An item starts at each line opening with the
-# first key; other keys are looked up inside the item; nothing outside a recognised key is ever used.
+# markdown ("**1.** **Question:**", "### Question 2" on a line of its own), "### Example 2" headers and closing
+# chatter. An item starts at each line opening with the first key; other keys are looked up inside the item; a
+# value runs to the next key (a question may have two paragraphs), and nothing outside a recognised key is used.
 
 def _key_re(key):
+    number = r"(?:(?:(?:example|problem|item)[ \t]*)?\d{1,3}[ \t]*[.):][*_ \t]*)?"  # "1.", "**1.** ", "Problem 2:"
+    name = re.escape(key).replace(r"\ ", r"[ _]?") + r"(?:[ \t]*\d{1,3})?[*_ \t]*"    # "Question", "Question 2**"
     return re.compile(
-        r"^[ \t>#*_-]*(?:(?:example|problem|item)?\s*\d{1,3}\s*[.):]\s*)?[*_]*\s*"
-        + re.escape(key).replace(r"\ ", r"[ _]?")
-        + r"(?:\s*\d{1,3})?\s*[*_]*\s*:[ \t]*[*_]*[ \t]*",  # "Question:", "**Question 2:**"
+        r"^[ \t>#*_-]*" + number + name + r":[ \t]*[*_]*[ \t]*"                      # "**1.** **Question:** "
+        + r"|^[ \t]*(?:#{1,6}|[*_]{2})[ \t]*" + number + name + r":?[*_ \t]*\n",    # "### Question 2" alone
         re.I | re.M,
     )
 
 
 def split_items(text, keys):
-    """[({key: value}, raw item text)] per item; a key missing from an item is missing from its dict."""
+    """[({key: value}, raw item text, last key)] per item; a key missing from an item is missing from its dict."""
     text = str(text).replace("\r\n", "\n").replace("\r", "\n")
     starts = [m.start() for m in _key_re(keys[0]).finditer(text)]
     items = []
@@ -346,7 +350,7 @@ def split_items(text, keys):
         for (start, value_start, key), nxt in zip(found, found[1:] + [(len(chunk), 0, None)]):
             if key not in item:
                 item[key] = chunk[value_start:nxt[0]].replace("**", "").strip()
-        items.append((item, chunk.strip()))
+        items.append((item, chunk.strip(), found[-1][2]))
     return items
 
 
@@ -365,6 +369,7 @@ class Task:
     reply_keys: tuple                     # (("Question", "question"), ...) teacher reply key -> native field
     prompt_file: str                      # prompts/<name>.txt
     rationale: bool = False               # target is a worked solution ending in "#### N" (gsm8k)
+    marker: tuple = ()                    # (field, text) a generated row must contain exactly once (casehold)
     files: dict = field(default_factory=dict)   # split -> path, for a user's own task
 
     # --- data -----------------------------------------------------------------------------------------
@@ -419,8 +424,8 @@ class Task:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 return f"field {name!r} must be a string, got {type(value).__name__}"
         if self.answer_type == "number" and self.answer_value(row) is None:
-            return f"{self.target_field!r} has no number" + (
-                " on its '####' line" if self.rationale else " (write it first, or as the only number, or after '####')")
+            return f"{self.target_field!r} has no number" + (" on its '####' line" if self.rationale else
+                                                              " (write it first, as the only one, or after '####')")
         if self.answer_type == "label" and canonical_label(row[self.target_field], self.labels) is None:
             return f"label {row[self.target_field]!r} is not one of {self.labels}"
         return None
@@ -506,24 +511,23 @@ class Task:
             return [], ([("unparseable", str(text).strip())] if str(text).strip() else [])
         if truncated:  # generation hit max_tokens: the last item is cut off mid-way
             rejected.append(("truncated", items.pop()[1]))
-        for item, raw in items:
+        for item, raw, last_key in items:
             if any(not item.get(key) for key in keys):
                 rejected.append(("missing_field", raw))
                 continue
             row = {}
             for key, name in self.reply_keys:
                 value = item[key]
-                # cut trailing chatter and headers of the next item: a rationale ends at its "#### N" line, a
-                # label is one line, anything else one paragraph
+                # the last field of an item also holds what comes before the next item (chatter, "### Problem 3"):
+                # a rationale ends at its first "####" line, a label is one line, any other last field one paragraph
                 if self.rationale and name == self.target_field:
                     value = re.sub(r"(?m)^[ \t]*####", "####", value)
-                    final = re.search(r"^####[^\n]*", value, re.M)
+                    final = re.search(r"####[^\n]*", value)
                     value = value[:final.end()] if final else value
                 elif name == self.target_field and self.answer_type == "label":
                     value = value.split("\n")[0].strip()
-                    named = set(labels_in(value, self.labels))  # "(2)", "Holding 2" but not "positive/negative"
-                    value = canonical_label(value, self.labels) or (named.pop() if len(named) == 1 else value)
-                else:
+                    value = canonical_label(value, self.labels) or match_label(value, self.labels) or value
+                elif key == last_key:
                     value = value.split("\n\n")[0].strip()
                 row[name] = value
             rows.append(row)
@@ -538,7 +542,11 @@ class Task:
             return "not_a_number"
         if self.answer_type == "label" and str(row[self.target_field]) not in self.labels:
             return "bad_label"
+        if self.marker and str(row[self.marker[0]]).count(self.marker[1]) != 1:
+            return "bad_marker"
         if self.rationale:
+            if not WORKING_RE.search(str(row[self.target_field]).split("####")[0]):
+                return "no_working"
             return check_calculations(str(row[self.target_field]))
         return None
 
@@ -574,7 +582,7 @@ TASKS = {
                      target_field="label", instruction=CASEHOLD_INSTRUCTION,
                      reply_keys=(("Citing prompt", "citing_prompt"),)
                      + tuple((f"Holding {i}", f"holding_{i}") for i in range(5)) + (("Answer", "label"),),
-                     prompt_file="casehold.txt"),
+                     prompt_file="casehold.txt", marker=("citing_prompt", "<HOLDING>")),
 }
 KNOWN = sorted(TASKS)
 
@@ -797,9 +805,9 @@ def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUP
     Builds its indexes from known_rows and test_rows on each call (about a second for 10k rows): call it once
     per iteration with all candidates, which also makes earlier candidates count as known for later ones.
 
-    Checked in order: validate() (missing_field, not_a_number, bad_label, bad_calculation); test_overlap (same
-    or near-duplicate main text as a test row: decontamination); duplicate (same normalized main text as a
-    training row or an earlier candidate); near_duplicate (similarity >= threshold to either).
+    Checked in order: validate() (missing_field, not_a_number, bad_label, bad_marker, no_working, bad_calculation);
+    test_overlap (same or near-duplicate main text as a test row: decontamination); duplicate (same normalized main
+    text as a training row or an earlier candidate); near_duplicate (similarity >= threshold to either).
     """
     def text(row):
         return str(row.get(task.input_fields[0], ""))
