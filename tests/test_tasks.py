@@ -377,6 +377,25 @@ def test_teacher_messages_every_task(task, row):
     assert "WRONG-ANSWER" in with_student and "WRONG-ANSWER" not in user["content"]
 
 
+OWN = tasks.Task(name="own", answer_type="exact", labels=None, input_fields=("input",), target_field="output",
+                 instruction="{input}", reply_keys=(("Input", "input"), ("Output", "output")), prompt_file="custom.txt")
+
+
+@pytest.mark.parametrize("task, row", [
+    (GSM8K, gsm_row("7")), (SST2, {"text": "a gem", "label": "positive"}), (TREC, {"text": "Who ?", "label": "HUM"}),
+    (SNIPS, {"text": "play jazz", "label": "PlayMusic"}), (CASEHOLD, casehold_row()), (OWN, {"input": "a", "output": "b"}),
+])
+def test_demonstration_shows_one_valid_item_and_no_count(task, row):
+    """The demonstration never contradicts {n}: one item, introduced without a number, that passes our own checks."""
+    user = task.teacher_messages(row, 3)[1]["content"]
+    assert re.findall(r"(?m)^\d+[.)] ", user) == ["1. "]
+    assert not re.search(r"\b(two|three|four|five|one new|2 new)\b", user, re.I)
+    assert "Write exactly 3 new" in user
+    demo = user[user.index("in the reply format:"):user.index("Now the real task")]
+    rows, rejected = task.parse_reply(demo)
+    assert len(rows) == 1 and rejected == [] and task.validate(rows[0]) is None
+
+
 def test_teacher_messages_insert_values_verbatim():
     row = gsm_row("7", question="What is {n} plus {gold}? {0.__class__} and {unknown}")
     user = GSM8K.teacher_messages(row, 3)[1]["content"]
