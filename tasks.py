@@ -799,7 +799,7 @@ class NearDuplicateIndex:
         return None
 
 
-def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUPLICATE_THRESHOLD):
+def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUPLICATE_THRESHOLD, quota=None):
     """(accepted, rejected) candidates; rejected rows are {"parent_id", "reason", "text"}.
 
     Builds its indexes from known_rows and test_rows on each call (about a second for 10k rows): call it once
@@ -807,7 +807,9 @@ def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUP
 
     Checked in order: validate() (missing_field, not_a_number, bad_label, bad_marker, no_working, bad_calculation);
     test_overlap (same or near-duplicate main text as a test row: decontamination); duplicate (same normalized main
-    text as a training row or an earlier candidate); near_duplicate (similarity >= threshold to either).
+    text as a training row or an earlier candidate); near_duplicate (similarity >= threshold to either); surplus
+    (`quota` = {parent_id: how many to accept} is spent for its parent). A surplus row never becomes "known", so an
+    item a teacher wrote beyond what was asked cannot knock out another parent's candidate as a near-duplicate.
     """
     def text(row):
         return str(row.get(task.input_fields[0], ""))
@@ -816,6 +818,7 @@ def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUP
     test_near = NearDuplicateIndex(map(text, test_rows), threshold)
     known_exact = {normalize_text(text(r)) for r in known_rows}
     known_near = NearDuplicateIndex(map(text, known_rows), threshold)
+    left = dict(quota or {})
     accepted, rejected = [], []
     for row in candidates:
         key = normalize_text(text(row))
@@ -826,10 +829,14 @@ def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUP
             reason = "duplicate"
         elif reason is None and known_near.find(text(row)) is not None:
             reason = "near_duplicate"
+        elif reason is None and left.get(row.get("parent_id"), 1) <= 0:
+            reason = "surplus"
         if reason:
             rejected.append({"parent_id": row.get("parent_id"), "reason": reason, "text": task.format_item(row)})
             continue
         accepted.append(row)
+        if row.get("parent_id") in left:
+            left[row["parent_id"]] -= 1
         known_exact.add(key)
         known_near.add(text(row))
     return accepted, rejected
