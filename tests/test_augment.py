@@ -54,7 +54,7 @@ def test_filter_generated_applies_the_quota_before_indexing():
     accepted, rejected = tasks.filter_generated(SST2, candidates, [], [], quota=quota)
     assert accepted == [candidates[0], candidates[2]]
     assert [(r["parent_id"], r["reason"]) for r in rejected] == [("A", "surplus")]
-    assert quota == {"A": 1, "B": 1}                                                     # the caller's dict is untouched
+    assert quota == {"A": 1, "B": 1}                                              # the caller's dict is untouched
     # the quota counts accepted items only: a rejected first item leaves room for the parent's second
     bad_first = [dict(candidates[0], label="neutral")] + candidates[1:2]
     accepted, rejected = tasks.filter_generated(SST2, bad_first, [], [], quota={"A": 1})

@@ -139,6 +139,43 @@ def test_seed_and_test_grading_agree_on_real_gold(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Verbatim answers of the untrained SmolLM2-135M-Instruct (greedy, 48 or 160 new tokens) to test rows of each task:
+# the answers an iteration-0 student that has not learned the format gives. Expected answers read by hand.
+
+SMOLLM2_OUTPUTS = [
+    (SST2, "The sentiment of this movie review is generally positive. The reviewer praises the movie's charm and the "
+           "journey it's on, which is a common trope in cinema. They also mention that the movie is often affecting, "
+           "which suggests that the reviewer", "positive"),
+    (SST2, "The sentiment of this movie review is neutral. The reviewer expresses a general sentiment about a movie, "
+           "but does not explicitly state a negative sentiment. They simply acknowledge the movie's slow pace and "
+           "provide a positive note.", None),                                 # the old grader read "negative"
+    (SST2, "The sentiment of this movie review is generally positive, but it can be interpreted in a negative way. "
+           "The reviewer mentions that the movie lacks both thrills and humor, which can be seen as a double-edged "
+           "sword. They also mention that", None),                            # the old grader read "positive"
+    (TREC, "The answer to this question is: ABBR (abbreviation)", "ABBR"),
+    (TREC, "The answer to this question is Australia 's national flower is the **Amaranth**.", None),
+    (SNIPS, "This request is one of AddToPlaylist, BookRestaurant, GetWeather, RateBook, SearchCreativeWork, "
+            "SearchScreeningEvent.", None),                                   # the old grader read "AddToPlaylist"
+    (SNIPS, "This request is a classic example of a request to add to playlists. The user is asking for a list of "
+            "items that are new to the Playlist, which is a classic example of a request to add to playlists.", None),
+    (GSM8K, "James runs 60 meters each sprint, so he runs 60 times a week.\nTo find out how many total meters he runs "
+            "a week, we need to multiply the number of sprints by the number of times he runs each sprint.\nSo, 60 * 3 "
+            "= 180 meters.\nTherefore, James runs 180 meters a week.\n#### 180\nThe answer is: 180", "180"),
+    (GSM8K, "Janet\u2019s ducks lay 16 eggs per day, which is equivalent to 16 * 3 = 48 eggs per day. She eats three "
+            "for breakfast every morning, so she eats 48 * 3 = 156 eggs per day. She sells the remainder at the "
+            "farmers\u2019 market daily for $2 per fresh duck egg, so she sells 156 * 4 = 624 eggs per day.\n\nTo find "
+            "out how many dollars she makes every day, we need to calculate the total amount of money she earns from "
+            "selling the remaining eggs. She earns 624 * 4 = 2480 dollars per day.\n\nTo find out how many dollars "
+            "she makes per day, we can divide the", None),                    # cut off: the old grader read 2480
+]
+
+
+@pytest.mark.parametrize("task, text, expected", SMOLLM2_OUTPUTS)
+def test_real_small_model_outputs(task, text, expected):
+    assert task.extract(text) == expected
+
+
+# ------------------------------------------------------------------------------------------------------------
 # A user's own tasks
 
 def own_task(tmp_path, rows, answer_type):
