@@ -95,8 +95,8 @@ def format_number(value):
 # Grading is strict, and the same for gold answers, seed evaluation and test evaluation. A GSM8K answer is the
 # number on its FIRST "####" line: a student that runs on after its answer ("#### 18\n\nQuestion: ... #### 7") is
 # graded on what it answered first, and one cut off before any "####" is wrong, not graded on whatever number it
-# last wrote. Without "####" (a user's own number task) the answer is the number that opens it ("Answer: 12 apples")
-# or the only number in it; "3 or 4" and "2+2 = 4" are wrong.
+# last wrote. Without "####" (a user's own number task) the answer is the only number in it, or the number that
+# opens it when its first sentence holds no other ("Answer: 42. Since 40 + 2 = 42"); "3 or 4" and "2+2 = 4" are wrong.
 
 def extract_number(text):
     """The first number on the first "####" line, or None (no "####", or no number on that line)."""
@@ -137,8 +137,8 @@ def answer_number(text):
 # An answer counts as a label only when it commits to one. It names exactly one label, not counting a label
 # directly after a negation ("not positive", "isn't DESC", "non-negative"), so "The sentiment is not positive; it
 # is negative." is negative; or it opens with the label (after an optional "Answer:"-style prefix) and its first
-# sentence names no other ("NUM. It is not a description, so not DESC."). Hedges and lists ("negative or
-# positive", "DESC or NUM", "DESC/NUM") name two labels and open with neither alone: wrong.
+# sentence names no other ("NUM. A DESC question would ask why."). Hedges and lists ("negative or positive",
+# "DESC or NUM", "DESC/NUM") name two labels and open with neither alone: wrong.
 
 NEGATIONS = {"not", "no", "never", "neither", "nor", "non", "t", "cannot", "without"}  # "isn't" -> "isn", "t"
 
