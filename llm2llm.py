@@ -251,14 +251,13 @@ def augment(task, teacher, parents, predictions, known_rows, test_rows, iteratio
                 parsed, bad = task.parse_reply(choice["text"], truncated=choice["finish_reason"] == "length")
                 rejected += [{"parent_id": row["id"], "reason": reason, "text": text} for reason, text in bad]
                 candidates += [dict(new, parent_id=row["id"], cache_key=result["cache_key"]) for new in parsed]
-        kept, bad = filter_generated(task, candidates, known_rows + accepted, test_rows)
+        # each parent's quota is applied inside the filter, so an item the teacher wrote beyond what was asked is
+        # dropped ("surplus") before it can count as known and knock out another seed's candidate
+        kept, bad = filter_generated(task, candidates, known_rows + accepted, test_rows, quota=need)
         rejected += bad
         for new in kept:
             parent = new.pop("parent_id")
             cache_key = new.pop("cache_key")
-            if need[parent] == 0:  # the teacher wrote more items than asked for
-                rejected.append({"parent_id": parent, "reason": "surplus", "text": task.format_item(new)})
-                continue
             k = cfg.aug_per_wrong - need[parent]
             need[parent] -= 1
             accepted.append(dict(new, id=f"aug{iteration}-{parent}-{k}", provenance={

@@ -63,7 +63,9 @@ def _number_value(match):
     value = Fraction(match["int"].replace(",", "") + (match["dec"] or ""))
     if match["den"] and int(match["den"]) != 0:
         value /= int(match["den"])
-    return -value if (match["neg"] or match["neg2"]) else value
+    # "-" is a sign only where no digit (or closing parenthesis) precedes it: "20 - 18" is a subtraction, not -18
+    negative = (match["neg"] or match["neg2"]) and not re.search(r"[\d)]\s*$", match.string[:match.start()])
+    return -value if negative else value
 
 
 def parse_number(text):
@@ -90,22 +92,56 @@ def format_number(value):
     return f"{'-' if value < 0 else ''}{scaled[:-digits]}.{scaled[-digits:]}"
 
 
+# Grading is strict, and the same for gold answers, seed evaluation and test evaluation. A GSM8K answer is the
+# number on its FIRST "####" line: a student that runs on after its answer ("#### 18\n\nQuestion: ... #### 7") is
+# graded on what it answered first, and one cut off before any "####" is wrong, not graded on whatever number it
+# last wrote. Without "####" (a user's own number task) the answer is the only number in it, or the number that
+# opens it when its first sentence holds no other ("Answer: 42. Since 40 + 2 = 42"); "3 or 4" and "2+2 = 4" are wrong.
+
 def extract_number(text):
-    """The number after the last "####" (on that line), else the last number in the text; None if none."""
+    """The first number on the first "####" line, or None (no "####", or no number on that line)."""
     text = str(text)
-    marker = text.rfind("####")
-    if marker >= 0:
-        match = NUMBER_RE.search(text[marker + 4:].split("\n", 1)[0])
-        if match:
-            return _number_value(match)
-    matches = list(NUMBER_RE.finditer(text))
-    return _number_value(matches[-1]) if matches else None
+    marker = text.find("####")
+    if marker < 0:
+        return None
+    match = NUMBER_RE.search(text[marker + 4:].split("\n", 1)[0])
+    return _number_value(match) if match else None
+
+
+ANSWER_PREFIX_RE = re.compile(r"^[\s*_#>`-]*(?:[^\W\d][^:\n]{0,40}:)?[\s*_`]*")  # "**Answer:** ", "Label: "
+SENTENCE_END_RE = re.compile(r"\n|[.!;](?=\s|$)")  # "4.5" and "U.S.C." do not end one; "?" commits to nothing
+
+
+def answer_number(text):
+    """The "####" number if there is a "####", else the only number in the answer, or the number that opens it
+    when its first sentence holds no other ("Answer: 42. Since 40 + 2 = 42" but not "3 or 4"); else None."""
+    text = str(text)
+    if "####" in text:
+        return extract_number(text)
+    values = {_number_value(m) for m in NUMBER_RE.finditer(text)}
+    if len(values) == 1:
+        return values.pop()
+    first_sentence = SENTENCE_END_RE.split(text[ANSWER_PREFIX_RE.match(text).end():], maxsplit=1)[0]
+    opening = NUMBER_RE.match(first_sentence)
+    if opening and {_number_value(m) for m in NUMBER_RE.finditer(first_sentence)} == {_number_value(opening)}:
+        return _number_value(opening)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Labels and exact strings. Students and teachers write "Positive.", "**NUM**", "Play Music", "holding_2":
-# comparing lowercase alphanumeric runs, joined, against each label makes all of these match without
-# accepting a word that is merely similar ("positively" is not "positive").
+# Labels and exact strings. Students and teachers write "Positive.", "**NUM**", "Play Music", "add to play list",
+# "add_to_playlist", "holding_2": comparing runs of lowercase alphanumeric words, joined, against each label with
+# its case, spaces, underscores and punctuation removed makes all of these match, without accepting a word that is
+# merely similar ("positively" is not "positive").
+#
+# An answer counts as a label only when it commits to one. It names exactly one label, not counting a label
+# directly after a negation ("not positive", "isn't DESC", "non-negative"), so "The sentiment is not positive; it
+# is negative." is negative; or it opens with the label (after an optional "Answer:"-style prefix) and its first
+# sentence names no other ("NUM. A DESC question would ask why."). Hedges and lists ("negative or positive",
+# "DESC or NUM", "DESC/NUM") name two labels and open with neither alone: wrong.
+
+NEGATIONS = {"not", "no", "never", "neither", "nor", "non", "t", "cannot", "without"}  # "isn't" -> "isn", "t"
+
 
 def _words(text):
     return re.findall(r"[a-z0-9]+", str(text).lower())
@@ -115,23 +151,47 @@ def _label_key(label):
     return "".join(_words(label))
 
 
-def labels_in(text, labels):
-    """The labels named in `text`, in order of appearance (case, spacing and punctuation ignored)."""
-    keys = {_label_key(label): label for label in labels}
-    longest = max((len(_words(label)) for label in labels), default=1) + 2  # "add to play list" spellings
+def label_mentions(text, labels):
+    """[(label, word index, negated)] for each label named in `text`, in order (case, spacing, punctuation ignored)."""
+    keys = {_label_key(label): label for label in labels if _label_key(label)}
+    longest = max(map(len, keys), default=0)
     words, found, start = _words(text), [], 0
     while start < len(words):
-        end = next((end for end in range(min(len(words), start + longest), start, -1)
-                    if "".join(words[start:end]) in keys), None)
-        if end:
-            found.append(keys["".join(words[start:end])])
-        start = end or start + 1
+        joined, end, match = "", start, None
+        while end < len(words) and len(joined) + len(words[end]) <= longest:  # "add to play list": 4 words
+            joined += words[end]
+            end += 1
+            if joined in keys:
+                match = end
+        if match:
+            found.append((keys["".join(words[start:match])], start, start > 0 and words[start - 1] in NEGATIONS))
+        start = match or start + 1
     return found
 
 
+def labels_in(text, labels):
+    """The labels named in `text`, in order of appearance, negated or not."""
+    return [label for label, _, _ in label_mentions(text, labels)]
+
+
+def _named(mentions):
+    return {label for label, _, negated in mentions if not negated}
+
+
 def match_label(text, labels):
-    """The label named first in `text`, or None: "Sentiment: **Positive**." -> "positive"."""
-    return next(iter(labels_in(text, labels)), None)
+    """The one label the answer commits to, or None (see above): "Sentiment: **Positive**." -> "positive"."""
+    named = _named(label_mentions(text, labels))
+    if len(named) == 1:
+        return named.pop()
+    text = str(text)
+    body = text[ANSWER_PREFIX_RE.match(text).end():]
+    if _named(label_mentions(text[:len(text) - len(body)], labels)):  # no prefix but an answer: "positive: it ..."
+        body = text
+    first_sentence = SENTENCE_END_RE.split(body.strip(), maxsplit=1)[0]
+    mentions = label_mentions(first_sentence, labels)
+    if mentions and mentions[0][1] == 0 and _named(mentions) == {mentions[0][0]}:
+        return mentions[0][0]
+    return None
 
 
 def canonical_label(value, labels):
@@ -150,6 +210,8 @@ def normalize_text(text):
 # parentheses, and nothing else, does the arithmetic (no eval, no ast on arbitrary code).
 
 NOTE_RE = re.compile(r"<<(.*?)>>", re.S)
+# a GSM8K answer must show working before its "####" line: a calculator note, an "=", or an operation on numbers
+WORKING_RE = re.compile(r"<<|=|\d\s*[-+*/\u00d7\u00f7x]\s*\$?\d")
 NOTE_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(//|.))")
 
 
@@ -224,10 +286,10 @@ def check_calculations(rationale):
             value = safe_arithmetic(expr)
         except (ValueError, ZeroDivisionError):
             return "bad_calculation"
-        # "10/3=3.33" and "7/2=3" (whole items) are fine; "12*3=38" is not: allow one unit of the last shown
-        # digit, so rounding and truncation both pass.
+        # "10/3=3.33" and "1/3=0.33" are fine: the result may differ from the exact value by at most half a unit
+        # of its last shown digit, as a rounded result does. "0.5+0.4=0", "2.6+0.3=2" and "12*3=38" are not.
         decimals = len(result.split(".")[1].strip(" %")) if "." in result else 0
-        if abs(value - result_value) >= Fraction(1, 10**decimals):
+        if abs(value - result_value) > Fraction(1, 2 * 10**decimals):
             return "bad_calculation"
     return None
 
@@ -260,20 +322,22 @@ def fill(template, values, source):
 
 # ----------------------------------------------------------------------------------------------------------
 # Teacher replies. Items are numbered "Key: value" blocks; real replies add preambles ("Sure! Here are..."),
-# markdown bold, "### Example 2" headers and closing chatter. An item starts at each line opening with the
-# first key; other keys are looked up inside the item; nothing outside a recognised key is ever used.
+# markdown ("**1.** **Question:**", "### Question 2" on a line of its own), "### Example 2" headers and closing
+# chatter. An item starts at each line opening with the first key; other keys are looked up inside the item; a
+# value runs to the next key (a question may have two paragraphs), and nothing outside a recognised key is used.
 
 def _key_re(key):
+    number = r"(?:(?:(?:example|problem|item)[ \t]*)?\d{1,3}[ \t]*[.):][*_ \t]*)?"  # "1.", "**1.** ", "Problem 2:"
+    name = re.escape(key).replace(r"\ ", r"[ _]?") + r"(?:[ \t]*\d{1,3})?[*_ \t]*"    # "Question", "Question 2**"
     return re.compile(
-        r"^[ \t>#*_-]*(?:(?:example|problem|item)?\s*\d{1,3}\s*[.):]\s*)?[*_]*\s*"
-        + re.escape(key).replace(r"\ ", r"[ _]?")
-        + r"(?:\s*\d{1,3})?\s*[*_]*\s*:[ \t]*[*_]*[ \t]*",  # "Question:", "**Question 2:**"
+        r"^[ \t>#*_-]*" + number + name + r":[ \t]*[*_]*[ \t]*"                      # "**1.** **Question:** "
+        + r"|^[ \t]*(?:#{1,6}|[*_]{2})[ \t]*" + number + name + r":?[*_ \t]*\n",    # "### Question 2" alone
         re.I | re.M,
     )
 
 
 def split_items(text, keys):
-    """[({key: value}, raw item text)] per item; a key missing from an item is missing from its dict."""
+    """[({key: value}, raw item text, last key)] per item; a key missing from an item is missing from its dict."""
     text = str(text).replace("\r\n", "\n").replace("\r", "\n")
     starts = [m.start() for m in _key_re(keys[0]).finditer(text)]
     items = []
@@ -286,7 +350,7 @@ def split_items(text, keys):
         for (start, value_start, key), nxt in zip(found, found[1:] + [(len(chunk), 0, None)]):
             if key not in item:
                 item[key] = chunk[value_start:nxt[0]].replace("**", "").strip()
-        items.append((item, chunk.strip()))
+        items.append((item, chunk.strip(), found[-1][2]))
     return items
 
 
@@ -305,6 +369,7 @@ class Task:
     reply_keys: tuple                     # (("Question", "question"), ...) teacher reply key -> native field
     prompt_file: str                      # prompts/<name>.txt
     rationale: bool = False               # target is a worked solution ending in "#### N" (gsm8k)
+    marker: tuple = ()                    # (field, text) a generated row must contain exactly once (casehold)
     files: dict = field(default_factory=dict)   # split -> path, for a user's own task
 
     # --- data -----------------------------------------------------------------------------------------
@@ -359,7 +424,8 @@ class Task:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 return f"field {name!r} must be a string, got {type(value).__name__}"
         if self.answer_type == "number" and self.answer_value(row) is None:
-            return f"{self.target_field!r} has no number" + (" after '####'" if self.rationale else "")
+            return f"{self.target_field!r} has no number" + (" on its '####' line" if self.rationale else
+                                                              " (write it first, as the only one, or after '####')")
         if self.answer_type == "label" and canonical_label(row[self.target_field], self.labels) is None:
             return f"label {row[self.target_field]!r} is not one of {self.labels}"
         return None
@@ -373,10 +439,12 @@ class Task:
         return self.gold(row) if self.answer_type == "label" else str(row[self.target_field]).strip()
 
     def answer_value(self, row):
-        target = str(row[self.target_field])
-        if self.rationale:  # gold and teacher rationales must state the number on their "####" line
-            return parse_number(target.split("####")[-1].split("\n")[0]) if "####" in target else None
-        return parse_number(target)
+        """The number a gold or generated row answers, read exactly as a student's answer is (None if none)."""
+        return self.read_number(row[self.target_field])
+
+    def read_number(self, text):
+        # a rationale (gsm8k) must state its answer on a "####" line; other number tasks may also answer plainly
+        return extract_number(text) if self.rationale else answer_number(text)
 
     def gold(self, row):
         if self.answer_type == "number":
@@ -387,7 +455,7 @@ class Task:
 
     def extract(self, text):
         if self.answer_type == "number":
-            value = extract_number(text)
+            value = self.read_number(text)
             return None if value is None else format_number(value)
         if self.answer_type == "label":
             return match_label(text, self.labels)
@@ -396,7 +464,8 @@ class Task:
 
     def is_correct(self, text, row):
         if self.answer_type == "number":
-            return extract_number(text) == self.answer_value(row)
+            value = self.read_number(text)
+            return value is not None and value == self.answer_value(row)
         answer = self.extract(text)
         if answer is None:
             return False
@@ -442,24 +511,23 @@ class Task:
             return [], ([("unparseable", str(text).strip())] if str(text).strip() else [])
         if truncated:  # generation hit max_tokens: the last item is cut off mid-way
             rejected.append(("truncated", items.pop()[1]))
-        for item, raw in items:
+        for item, raw, last_key in items:
             if any(not item.get(key) for key in keys):
                 rejected.append(("missing_field", raw))
                 continue
             row = {}
             for key, name in self.reply_keys:
                 value = item[key]
-                # cut trailing chatter and headers of the next item: a rationale ends at its "#### N" line, a
-                # label is one line, anything else one paragraph
+                # the last field of an item also holds what comes before the next item (chatter, "### Problem 3"):
+                # a rationale ends at its first "####" line, a label is one line, any other last field one paragraph
                 if self.rationale and name == self.target_field:
                     value = re.sub(r"(?m)^[ \t]*####", "####", value)
-                    final = re.search(r"^####[^\n]*", value, re.M)
+                    final = re.search(r"####[^\n]*", value)
                     value = value[:final.end()] if final else value
                 elif name == self.target_field and self.answer_type == "label":
                     value = value.split("\n")[0].strip()
-                    named = set(labels_in(value, self.labels))  # "(2)", "Holding 2" but not "positive/negative"
-                    value = canonical_label(value, self.labels) or (named.pop() if len(named) == 1 else value)
-                else:
+                    value = canonical_label(value, self.labels) or match_label(value, self.labels) or value
+                elif key == last_key:
                     value = value.split("\n\n")[0].strip()
                 row[name] = value
             rows.append(row)
@@ -474,7 +542,11 @@ class Task:
             return "not_a_number"
         if self.answer_type == "label" and str(row[self.target_field]) not in self.labels:
             return "bad_label"
+        if self.marker and str(row[self.marker[0]]).count(self.marker[1]) != 1:
+            return "bad_marker"
         if self.rationale:
+            if not WORKING_RE.search(str(row[self.target_field]).split("####")[0]):
+                return "no_working"
             return check_calculations(str(row[self.target_field]))
         return None
 
@@ -510,7 +582,7 @@ TASKS = {
                      target_field="label", instruction=CASEHOLD_INSTRUCTION,
                      reply_keys=(("Citing prompt", "citing_prompt"),)
                      + tuple((f"Holding {i}", f"holding_{i}") for i in range(5)) + (("Answer", "label"),),
-                     prompt_file="casehold.txt"),
+                     prompt_file="casehold.txt", marker=("citing_prompt", "<HOLDING>")),
 }
 KNOWN = sorted(TASKS)
 
@@ -519,9 +591,9 @@ def get_task(name_or_path, test_file=None, answer_type="exact", labels=None):
     """A built-in task by name, or a user's own task from a JSONL train file of {"input", "output"} rows.
 
     A user's own task: `test_file` is its test split (another JSONL file of the same shape); answer_type is
-    "exact" (outputs compared after case/space/punctuation normalization), "number" (the last number, or the
-    one after "####", compared numerically) or "label" (the label named first in the generation; labels are the
-    distinct outputs of the train file unless `labels` is given).
+    "exact" (outputs compared after case/space/punctuation normalization), "number" (the number on the first
+    "####" line, else the only number or the one that opens the answer, compared numerically) or "label" (the one
+    label the answer commits to; labels are the distinct outputs of the train file unless `labels` is given).
     """
     if name_or_path in TASKS:
         return TASKS[name_or_path]
@@ -727,15 +799,17 @@ class NearDuplicateIndex:
         return None
 
 
-def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUPLICATE_THRESHOLD):
+def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUPLICATE_THRESHOLD, quota=None):
     """(accepted, rejected) candidates; rejected rows are {"parent_id", "reason", "text"}.
 
     Builds its indexes from known_rows and test_rows on each call (about a second for 10k rows): call it once
     per iteration with all candidates, which also makes earlier candidates count as known for later ones.
 
-    Checked in order: validate() (missing_field, not_a_number, bad_label, bad_calculation); test_overlap (same
-    or near-duplicate main text as a test row: decontamination); duplicate (same normalized main text as a
-    training row or an earlier candidate); near_duplicate (similarity >= threshold to either).
+    Checked in order: validate() (missing_field, not_a_number, bad_label, bad_marker, no_working, bad_calculation);
+    test_overlap (same or near-duplicate main text as a test row: decontamination); duplicate (same normalized main
+    text as a training row or an earlier candidate); near_duplicate (similarity >= threshold to either); surplus
+    (`quota` = {parent_id: how many to accept} is spent for its parent). A surplus row never becomes "known", so an
+    item a teacher wrote beyond what was asked cannot knock out another parent's candidate as a near-duplicate.
     """
     def text(row):
         return str(row.get(task.input_fields[0], ""))
@@ -744,6 +818,7 @@ def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUP
     test_near = NearDuplicateIndex(map(text, test_rows), threshold)
     known_exact = {normalize_text(text(r)) for r in known_rows}
     known_near = NearDuplicateIndex(map(text, known_rows), threshold)
+    left = dict(quota or {})
     accepted, rejected = [], []
     for row in candidates:
         key = normalize_text(text(row))
@@ -754,10 +829,14 @@ def filter_generated(task, candidates, known_rows, test_rows, threshold=NEAR_DUP
             reason = "duplicate"
         elif reason is None and known_near.find(text(row)) is not None:
             reason = "near_duplicate"
+        elif reason is None and left.get(row.get("parent_id"), 1) <= 0:
+            reason = "surplus"
         if reason:
             rejected.append({"parent_id": row.get("parent_id"), "reason": reason, "text": task.format_item(row)})
             continue
         accepted.append(row)
+        if row.get("parent_id") in left:
+            left[row["parent_id"]] -= 1
         known_exact.add(key)
         known_near.add(text(row))
     return accepted, rejected

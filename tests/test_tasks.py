@@ -36,21 +36,32 @@ def casehold_row(label=2, prompt="The search went too far. See Smith v. Jones, 1
 @pytest.mark.parametrize("text, expected", [
     ("Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", Fraction(72)),
     ("#### 1,200", Fraction(1200)),
-    ("She earned $1,200.50 in total.", Fraction("1200.5")),
-    ("The temperature drops to -5 degrees.", Fraction(-5)),
-    ("He is left with $-5", Fraction(-5)),
-    ("Each gets 1/2 of a pizza", Fraction(1, 2)),                   # a fraction, not twelve
-    ("The answer is 3.0", Fraction(3)),
-    ("Half is .5", Fraction(1, 2)),
-    ("10-5=5 so the answer is 5", Fraction(5)),                     # "10-5" is no negative five
-    ("#### 18\n\nNow a new question: how many are 40 and 2?", Fraction(18)),  # the #### answer wins
-    ("#### \nso the total is 42 apples.", Fraction(42)),            # empty #### line: last number
-    ("I think 12, no wait, 1,500, final: 1,2000", Fraction(2000)),  # "1,2000" is not a thousands group
+    ("#### She earned $1,200.50 in total.", Fraction("1200.5")),
+    ("#### The temperature drops to -5 degrees.", Fraction(-5)),
+    ("#### $-5", Fraction(-5)),
+    ("#### 1/2", Fraction(1, 2)),                                   # a fraction, not twelve
+    ("#### 3.0", Fraction(3)),
+    ("#### .5", Fraction(1, 2)),
+    ("#### 20 - 18 = 2", Fraction(20)),                             # the first number on the line, unsigned
+    ("#### 18\n\nNow a new question: how many are 40 and 2?\n#### 42", Fraction(18)),  # the first #### wins
+    ("#### \nso the total is 42 apples.", None),                    # a #### line without a number: no answer
+    ("so 20 - 18\n####", None),
+    ("She earned $1,200.50 in total.", None),                        # no ####: no answer, whatever the numbers
     ("The answer is forty-two.", None),
     ("", None),
 ])
 def test_extract_number(text, expected):
     assert tasks.extract_number(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("-5", Fraction(-5)), ("x = -5", Fraction(-5)), ("$-5", Fraction(-5)), ("\u22125", Fraction(-5)),
+    ("20 - 18", Fraction(20)), ("20 -18", Fraction(20)), ("(3+4) -2", Fraction(3)),
+])
+def test_parse_number_sign(text, expected):
+    assert tasks.parse_number(text) == expected
+    numbers = [tasks._number_value(m) for m in tasks.NUMBER_RE.finditer(text)]
+    assert all(n >= 0 for n in numbers[1:])          # a "-" after a digit or ")" is never a sign
 
 
 @pytest.mark.parametrize("generated, gold, correct", [
@@ -60,8 +71,9 @@ def test_extract_number(text, expected):
     ("#### -5", "-5", True),
     ("#### 5", "-5", False),
     ("#### 12", "0.5", False),
-    ("The answer is 1/2", "0.5", True),
-    ("She has 7 apples", "7", True),
+    ("#### 1/2", "0.5", True),
+    ("The answer is 1/2", "0.5", False),             # no "####"
+    ("She has 7 apples", "7", False),
     ("no idea", "7", False),
     ("#### 7.01", "7", False),
 ])
@@ -161,12 +173,19 @@ def test_safe_arithmetic_rejects(expr):
     ("Natalia sold 48/2 = <<48/2=24>>24 clips.\nIn total 48+24 = <<48+24=72>>72.\n#### 72", True),
     ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n#### 10", True),
     ("Each share is 10/3 = <<10/3=3.33>>3.33.\n#### 3.33", True),          # rounded to the shown digits
-    ("He fills 7/2 = <<7/2=3>>3 whole boxes.\n#### 3", True),              # truncated to whole items
+    ("He fills 7/2 = <<7/2=3>>3 whole boxes.\n#### 3", True),              # off by half a unit: still allowed
     ("Half is <<2-1.5=.5>>.5\n#### .5", True),
     ("He bakes 12*3 = <<12*3=38>>38 muffins.\n#### 38", False),
     ("Each share is 10/3 = <<10/3=3.3>>3.3, then <<3.3*3=10.5>>.\n#### 10.5", False),
     ("Total <<2*__import__('os')=0>>0\n#### 0", False),
     ("Total <<5+5>>10\n#### 10", False),                                   # no result in the note
+    ("So <<0.5+0.4=0>>0 are left.\n#### 0", False),                       # 0.9 is not 0
+    ("So <<2.6+0.3=2>>2 are left.\n#### 2", False),                       # 2.9 is not 2
+    ("A third is <<1/3=0.33>>0.33.\n#### 0.33", True),
+    ("Two thirds is <<2/3=0.67>>0.67.\n#### 0.67", True),
+    ("Two thirds is <<2/3=0.66>>0.66.\n#### 0.66", False),                # off by more than half of 0.01
+    ("Each gets <<20/3=6>>6.\n#### 6", False),                            # 6.67 truncated: more than half a unit
+    ("It loses <<5-8=-3>>-3.\n#### -3", True),
     ("No notes at all, 3 and 4 make 7.\n#### 7", True),
 ])
 def test_check_calculations(rationale, ok):
@@ -259,6 +278,89 @@ def test_parse_casehold_reply():
     assert [CASEHOLD.validate(r) for r in rows] == [None, None, "bad_label"]
 
 
+MARKDOWN_REPLY = """Here are 4 new problems:
+
+**1.** **Question:** Anna has 5 pears and buys 6 more. How many pears does she have?
+**Answer:** She has 5+6 = <<5+6=11>>11 pears.
+#### 11
+
+---
+
+### Problem 2
+- **Question 2:** Ben reads 7 pages a day.
+
+He reads for 3 days. How many pages does he read?
+- **Answer 2:** He reads 7*3 = <<7*3=21>>21 pages.
+#### 21
+
+### Question
+A box holds 12 eggs. How many eggs are in 4 boxes?
+### Answer
+4*12 = <<4*12=48>>48 eggs.
+#### 48
+
+4. **Question**: Cleo has 9 stamps and gives away 4. How many are left?
+**Answer**: 9-4 = <<9-4=5>>5
+**#### 5**"""
+
+
+def test_parse_reply_markdown_styles_and_multi_paragraph_fields():
+    rows, rejected = GSM8K.parse_reply(MARKDOWN_REPLY)
+    assert rejected == []
+    assert [r["question"] for r in rows] == [
+        "Anna has 5 pears and buys 6 more. How many pears does she have?",
+        "Ben reads 7 pages a day.\n\nHe reads for 3 days. How many pages does he read?",  # both paragraphs kept
+        "A box holds 12 eggs. How many eggs are in 4 boxes?",
+        "Cleo has 9 stamps and gives away 4. How many are left?"]
+    assert [r["answer"] for r in rows] == [
+        "She has 5+6 = <<5+6=11>>11 pears.\n#### 11", "He reads 7*3 = <<7*3=21>>21 pages.\n#### 21",
+        "4*12 = <<4*12=48>>48 eggs.\n#### 48", "9-4 = <<9-4=5>>5\n#### 5"]
+    assert all(GSM8K.validate(r) is None for r in rows)
+
+
+def test_parse_reply_last_field_stops_before_chatter():
+    reply = ("1. Input: Capital of Chile?\n\nAnswer in one word.\nOutput: Santiago\n\nI hope this helps!\n\n"
+             "### Example 2\n2. Input: Capital of Cuba?\nOutput: Havana\n\n---\nLet me know!")
+    task = tasks.Task(name="own", answer_type="exact", labels=None, input_fields=("input",), target_field="output",
+                      instruction="{input}", reply_keys=(("Input", "input"), ("Output", "output")),
+                      prompt_file="custom.txt")
+    assert task.parse_reply(reply)[0] == [
+        {"input": "Capital of Chile?\n\nAnswer in one word.", "output": "Santiago"},
+        {"input": "Capital of Cuba?", "output": "Havana"}]
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("#### 12", "no_working"),
+    ("The answer is 12.\n#### 12", "no_working"),
+    ("**Answer:**\n\n#### 12", "no_working"),
+    ("She has 4 bags of 3, so 12 apples.\n#### 12", "no_working"),
+    ("She has 4*3 = 12 apples.\n#### 12", None),
+    ("She has <<4*3=12>>12 apples.\n#### 12", None),
+    ("She has 4 x 3 = 12 apples.\n#### 12", None),
+])
+def test_gsm8k_needs_working_before_the_answer(answer, reason):
+    rows, rejected = GSM8K.parse_reply(f"1. Question: Each bag has 3 apples. How many in 4 bags?\nAnswer: {answer}")
+    assert rejected == [] and GSM8K.validate(rows[0]) == reason
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").exists(), reason="../shared/data not present")
+def test_real_gsm8k_gold_shows_working():
+    rows = GSM8K.load("test", SHARED)
+    assert [GSM8K.validate(r) for r in rows] == [None] * len(rows)
+
+
+@pytest.mark.parametrize("prompt, reason", [
+    ("The frisk went too far. See Doe v. Roe, 1 F.3d 2 (2d Cir. 1996) (<HOLDING>).", None),
+    ("The frisk went too far. See Doe v. Roe, 1 F.3d 2 (2d Cir. 1996) (holding that a frisk is limited).",
+     "bad_marker"),
+    ("The frisk went too far. See Doe v. Roe (<HOLDING>); Poe v. Moe (<HOLDING>).", "bad_marker"),
+])
+def test_casehold_needs_one_holding_marker(prompt, reason):
+    reply = "1. " + CASEHOLD.format_item(casehold_row(label=1, prompt=prompt))
+    rows, rejected = CASEHOLD.parse_reply(reply)
+    assert rejected == [] and rows[0]["citing_prompt"] == prompt and CASEHOLD.validate(rows[0]) == reason
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Teacher messages
 
@@ -273,6 +375,25 @@ def test_teacher_messages_every_task(task, row):
     assert "{" not in system["content"] + user["content"].replace(task.format_item(row), "")
     with_student = task.teacher_messages(row, 5, student_answer="WRONG-ANSWER")[1]["content"]
     assert "WRONG-ANSWER" in with_student and "WRONG-ANSWER" not in user["content"]
+
+
+OWN = tasks.Task(name="own", answer_type="exact", labels=None, input_fields=("input",), target_field="output",
+                 instruction="{input}", reply_keys=(("Input", "input"), ("Output", "output")), prompt_file="custom.txt")
+
+
+@pytest.mark.parametrize("task, row", [
+    (GSM8K, gsm_row("7")), (SST2, {"text": "a gem", "label": "positive"}), (TREC, {"text": "Who ?", "label": "HUM"}),
+    (SNIPS, {"text": "play jazz", "label": "PlayMusic"}), (CASEHOLD, casehold_row()), (OWN, {"input": "a", "output": "b"}),
+])
+def test_demonstration_shows_one_valid_item_and_no_count(task, row):
+    """The demonstration never contradicts {n}: one item, introduced without a number, that passes our own checks."""
+    user = task.teacher_messages(row, 3)[1]["content"]
+    assert re.findall(r"(?m)^\d+[.)] ", user) == ["1. "]
+    assert not re.search(r"\b(two|three|four|five|one new|2 new)\b", user, re.I)
+    assert "Write exactly 3 new" in user
+    demo = user[user.index("in the reply format:"):user.index("Now the real task")]
+    rows, rejected = task.parse_reply(demo)
+    assert len(rows) == 1 and rejected == [] and task.validate(rows[0]) is None
 
 
 def test_teacher_messages_insert_values_verbatim():
@@ -331,16 +452,18 @@ def test_filter_generated_reasons():
         cand(new.replace("Lena", "LENA") + " ", "4*9 = <<4*9=36>>36\n#### 36"),           # duplicate of earlier
         cand(new.replace("4 trays", "5 trays"), "5*9 = <<5*9=45>>45\n#### 45"),           # near-dup of earlier
         cand(known[0]["question"].replace("3", "5"), "5+4 = <<5+4=9>>9\n#### 9"),         # near-dup of training
-        cand(known[0]["question"], "#### 7"),                                             # exact dup of training
-        cand(test[0]["question"].replace("10", "12"), "#### 17"),                          # decontamination
+        cand(known[0]["question"], "3+4 = <<3+4=7>>7\n#### 7"),                           # exact dup of training
+        cand(test[0]["question"].replace("10", "12"), "12+5 = 17\n#### 17"),               # decontamination
         cand("Ivan walks 3 km a day. How far does he walk in a week?", "3*7 = <<3*7=22>>22\n#### 22"),
         cand("Ivan walks 3 km a day. How far does he walk in 9 days?", "He walks 27 km.\n#### twenty-seven"),
         cand("", "#### 5"),
+        cand("Omar has 12 stamps. How many stamps does he have?", "#### 12"),              # no working
     ]
     accepted, rejected = tasks.filter_generated(GSM8K, candidates, known, test)
     assert accepted == [candidates[0]]
     assert [r["reason"] for r in rejected] == ["duplicate", "near_duplicate", "near_duplicate", "duplicate",
-                                              "test_overlap", "bad_calculation", "not_a_number", "missing_field"]
+                                              "test_overlap", "bad_calculation", "not_a_number", "missing_field",
+                                              "no_working"]
     assert all(r["parent_id"] == "gsm8k-train-0" and isinstance(r["text"], str) for r in rejected)
 
 
@@ -426,7 +549,7 @@ def test_load_malformed(tmp_path, lines, message):
 def test_load_gsm8k_without_final_answer(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "the answer is 5"}) + "\n")
-    with pytest.raises(TaskError, match=r"test.jsonl:1: 'answer' has no number after '####'"):
+    with pytest.raises(TaskError, match=r"test.jsonl:1: 'answer' has no number on its '####' line"):
         GSM8K.load("test", tmp_path)
 
 
