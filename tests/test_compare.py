@@ -69,7 +69,7 @@ class ScriptedTeacher:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 teacher.requests.append(request)
                 user = request["messages"][-1]["content"]
-                n = int(re.search(r"Write (\d+) new", user).group(1))
+                n = int(re.search(r"Write (?:exactly )?(\d+) new", user).group(1))
                 items = []
                 for k in range(n):
                     digest = hashlib.sha256(f"{user}|{request.get('seed')}|{k}".encode()).hexdigest()
