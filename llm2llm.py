@@ -393,6 +393,7 @@ def run(cfg):
         raise RunError(f"the {task.name} train split is empty")
     prepare_run_dir(cfg, recorded)
     print("config:", json.dumps(asdict(cfg)))
+    print(f"device {device}, precision {recorded['precision_used']}")
 
     seed_path = os.path.join(cfg.out, "seed.jsonl")
     if not os.path.exists(seed_path):
