@@ -20,6 +20,7 @@ logic, and the loop. Loading and decoding are in generate.py, training in train.
 teacher prompts in tasks.py and prompts/, the teacher client in teacher.py, the embedded server in serve.py.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -37,9 +38,9 @@ from generate import DEFAULT_STUDENT, ModelLoadError, generate, load_model, reso
 from lora import LoRAError, add_lora, load_adapter, remove_lora, save_adapter
 from report import ReportError, render_table, write_report
 from serve import main as serve_main, make_server, start_background
-from tasks import TaskError, filter_generated, get_task, sample_seed
+from tasks import PROMPTS_DIR, TaskError, filter_generated, get_task, sample_seed
 from teacher import BUDGET_SPENT, Teacher, check_reachable
-from train import TrainingError, render_prompt, train
+from train import TrainingError, default_precision, render_prompt, train
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass; its fields are the command-line flags (dashes there, underscores here).
@@ -66,13 +67,15 @@ class Config:
                                                                   "the id/folder the embedded server loads"})
     teacher_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the "
                                                                      "teacher's API key (never stored)"})
-    teacher_workers: int = field(default=8, metadata={"help": "concurrent teacher requests"})
+    teacher_workers: int = field(default=8, metadata={"help": "concurrent teacher requests (halved after a timeout)"})
+    teacher_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for one teacher reply, time "
+                                                            "queued on a busy server included"})
     teacher_temperature: float = field(default=0.7, metadata={"help": "teacher sampling temperature"})
     teacher_max_tokens: int = field(default=1024, metadata={"help": "max tokens per teacher reply"})
     teacher_max_asks: int = field(default=3, metadata={"help": "most times one wrong seed is sent to the teacher "
                                                        "per iteration when its replies are rejected"})
     teacher_budget_tokens: Optional[int] = field(default=None, metadata={"help": "stop asking the teacher once "
-                                                                         "this many tokens are spent"})
+                                                                         "the run has used this many tokens"})
     show_student_answer: bool = field(default=False, metadata={"help": "include the student's wrong answer in the "
                                                                "teacher's message"})
     seed_size: Optional[int] = field(default=None, metadata={"help": "number of seed examples from train"})
@@ -112,8 +115,10 @@ class Config:
     force: bool = field(default=False, metadata={"help": "start over in an --out that holds a different run"})
 
 
-# fields that do not change what a run computes, so a resumed run may differ in them
-RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_key_env", "teacher_url", "device", "teacher_cache"}
+# fields that do not change what a run computes, so a resumed run may differ in them. --device and --precision are
+# checked through the precision they resolve to (recorded as precision_used), --teacher-url with a warning.
+RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_timeout", "teacher_key_env", "teacher_url", "device",
+                  "precision", "teacher_cache"}
 AUGMENT_CHOICES = ("wrong", "all", "random")
 
 
@@ -239,7 +244,7 @@ def augment(task, teacher, parents, predictions, known_rows, test_rows, iteratio
             # cached one from an earlier iteration
             "sample": iteration * cfg.teacher_max_asks + ask} for row in asking]
         results = teacher.chat_many(jobs)
-        for r in results:
+        for r in {r["cache_key"]: r for r in results}.values():  # identical jobs are asked, and counted, once
             usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
         failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
         if failed:
@@ -270,14 +275,44 @@ def augment(task, teacher, parents, predictions, known_rows, test_rows, iteratio
 # -----------------------------------------------------------------------------
 # The run directory and resuming
 
-def prepare_run_dir(cfg):
+def resolve_precision(cfg, device):
+    """The precision training really uses, from --device and --precision."""
+    precision = cfg.precision or default_precision(device)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise RunError(f"--precision {precision}: choose fp32, bf16 or fp16")
+    if precision != "fp32" and device.type != "cuda":
+        raise RunError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
+    return precision
+
+
+def prompt_hashes(task):
+    """sha256 of each prompt file the task sends to the teacher: an edit changes what the teacher is asked."""
+    path = PROMPTS_DIR / task.prompt_file
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return {f"prompts/{task.prompt_file}": digest}
+
+
+def prepare_run_dir(cfg, recorded):
+    """Start the run directory, or resume the run in it. `recorded` holds what the flags do not show but a resumed
+    run must keep: the precision they resolve to and the prompt files' hashes."""
     config = {k: v for k, v in asdict(cfg).items() if k != "force"}
+    config.update(recorded)
     config_path = os.path.join(cfg.out, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
             old = json.load(f)
         differs = [f"--{k.replace('_', '-')}: {old.get(k)!r} then, {v!r} now" for k, v in config.items()
-                   if k not in RESUME_NEUTRAL and old.get(k) != v]
+                   if k not in RESUME_NEUTRAL and k not in recorded and old.get(k) != v]
+        # runs started before these were recorded have no entry, and nothing to compare with
+        if old.get("precision_used", recorded["precision_used"]) != recorded["precision_used"]:
+            differs.append(f"precision: {old['precision_used']} then, {recorded['precision_used']} now (from --device "
+                           f"{cfg.device} and --precision {cfg.precision or 'default'}); pick a --device and "
+                           f"--precision that give {old['precision_used']}")
+        for name, digest in recorded["prompt_sha256"].items():
+            before = old.get("prompt_sha256", recorded["prompt_sha256"]).get(name, digest)
+            if before != digest:
+                differs.append(f"{name} was edited since the run started (sha256 {str(before)[:12]} then, "
+                               f"{str(digest)[:12]} now); restore it to resume")
         if differs and not cfg.force:
             raise RunError(f"{cfg.out} holds a run with a different configuration:\n  " + "\n  ".join(differs) +
                            "\nUse the same flags to resume it, another --out, or --force to start over.")
@@ -286,42 +321,79 @@ def prepare_run_dir(cfg):
             shutil.rmtree(cfg.out)
         else:
             print(f"resuming the run in {cfg.out}")
+            if "teacher_url" in old and old["teacher_url"] != cfg.teacher_url:
+                print(f"warning: this run's teacher was {old['teacher_url'] or 'the embedded server'}, now it is "
+                      f"{cfg.teacher_url or 'the embedded server'}. Cached replies are reused as {cfg.teacher_model}'s "
+                      f"and new ones come from the new endpoint: if it serves another model under that name, the run "
+                      f"mixes two teachers. Use another --out to keep them apart.")
     os.makedirs(cfg.out, exist_ok=True)
     write_json(config_path, config)  # no secrets: the API key is read from the environment, never stored
 
 
 def load_metrics(out):
+    """The finished iterations' rows by iteration. A kill while a row is appended can leave a torn last line: it is
+    dropped (that iteration is redone, from its saved files) and the file rewritten, so the next row starts on a line
+    of its own. A bad line before the last is no kill's doing and is not touched."""
     path = os.path.join(out, "metrics.jsonl")
-    return {m["iteration"]: m for m in read_jsonl(path)} if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    rows, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise RunError(f"{path}:{number}: not a JSON row. Restore the line, or delete it and every line "
+                               f"after it to redo those iterations.") from None
+            torn = True
+    if torn or (text and not text.endswith("\n")):
+        print(f"{path}: repairing a last line cut short by an interruption")
+        write_jsonl(path, rows)
+    return {m["iteration"]: m for m in rows}
+
+
+def check_teacher(cfg):
+    """Fail fast, before any training, on a teacher endpoint that cannot work. The embedded server (no URL) has
+    nothing to check until it starts."""
+    if not cfg.teacher_url or cfg.iterations == 0:
+        return
+    try:
+        served = check_reachable(cfg.teacher_url, cfg.teacher_key_env)
+    except RuntimeError as e:
+        raise RunError(str(e))
+    if served and cfg.teacher_model not in served:
+        # some servers answer any model name with their one model, and provenance would name the wrong author
+        print(f"warning: the teacher at {cfg.teacher_url} lists {', '.join(served[:10])}, not --teacher-model "
+              f"{cfg.teacher_model}. Some servers answer any name with the model they serve, and this run would "
+              f"record {cfg.teacher_model} as the author of their replies: pass one of the listed names.")
 
 
 class LazyTeacher:
-    """Starts the teacher (and, without --teacher-url, the embedded server) only when first needed: a resumed run
-    with nothing left to ask never loads a teacher model."""
+    """The teacher client. Without a teacher URL, the embedded server (and the teacher model) starts only when a
+    request the cache cannot answer needs it: a resumed iteration whose replies are all cached loads no teacher."""
 
-    def __init__(self, cfg, device):
-        self.cfg, self.device, self.client, self.server = cfg, device, None, None
+    def __init__(self, cfg, device, budget_spent):
+        self.cfg, self.device, self.server = cfg, device, None
+        self.client = Teacher(cfg.teacher_url or self._start_embedded, cfg.teacher_model,
+                              api_key_env=cfg.teacher_key_env,
+                              cache_dir=cfg.teacher_cache or os.path.join(cfg.out, "teacher_cache"),
+                              workers=cfg.teacher_workers, timeout=cfg.teacher_timeout,
+                              budget_tokens=cfg.teacher_budget_tokens, budget_spent=budget_spent,
+                              temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
 
-    def get(self):
-        if self.client is None:
-            cfg, url = self.cfg, self.cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
-            if not url:
-                model, tokenizer = load_model(cfg.teacher_model, self.device, cfg.precision, "teacher")
-                self.server = make_server(model, tokenizer, generate, model_name=cfg.teacher_model,
-                                          max_batch=max(cfg.teacher_workers, 1) * 2)
-                start_background(self.server)
-                url = self.server.url
-                print(f"embedded teacher {cfg.teacher_model} at {url}")
-            try:
-                check_reachable(url, cfg.teacher_key_env)
-            except RuntimeError as e:
-                raise RunError(str(e))
-            self.client = Teacher(url, cfg.teacher_model, api_key_env=cfg.teacher_key_env,
-                                  cache_dir=cfg.teacher_cache or os.path.join(cfg.out, "teacher_cache"),
-                                  workers=cfg.teacher_workers,
-                                  budget_tokens=cfg.teacher_budget_tokens, temperature=cfg.teacher_temperature,
-                                  max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
-        return self.client
+    def _start_embedded(self):
+        cfg = self.cfg
+        model, tokenizer = load_model(cfg.teacher_model, self.device, cfg.precision, "teacher")
+        self.server = make_server(model, tokenizer, generate, model_name=cfg.teacher_model,
+                                  max_batch=max(cfg.teacher_workers, 1) * 2)
+        start_background(self.server)
+        tqdm.write(f"embedded teacher {cfg.teacher_model} at {self.server.url}")
+        return self.server.url
 
     def close(self):
         if self.server is not None:
@@ -344,12 +416,16 @@ def run(cfg):
     if cfg.augment not in AUGMENT_CHOICES:
         raise RunError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {cfg.augment!r}")
     device = resolve_device(cfg.device)
+    recorded = {"precision_used": resolve_precision(cfg, device), "prompt_sha256": prompt_hashes(task)}
+    cfg.teacher_url = cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
+    check_teacher(cfg)
     train_rows = task.load("train", cfg.data_dir)
     test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
     if not train_rows:
         raise RunError(f"the {task.name} train split is empty")
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, recorded)
     print("config:", json.dumps(asdict(cfg)))
+    print(f"device {device}, precision {recorded['precision_used']}")
 
     seed_path = os.path.join(cfg.out, "seed.jsonl")
     if not os.path.exists(seed_path):
@@ -358,9 +434,12 @@ def run(cfg):
     print(f"{task.name}: {len(seed_rows)} seed examples of {len(train_rows)} train rows, {len(test_rows)} test rows, "
           f"{cfg.iterations} iterations, {cfg.aug_per_wrong} new example(s) per wrong seed")
 
-    model, tokenizer = load_model(cfg.student, device, cfg.precision, "student")
-    teacher = LazyTeacher(cfg, device)
     metrics = load_metrics(cfg.out)
+    model, tokenizer = load_model(cfg.student, device, cfg.precision, "student")
+    # the token budget counts what finished iterations used, so a resumed run stops where an uninterrupted one does
+    teacher = LazyTeacher(cfg, device, budget_spent=sum(m.get("teacher_prompt_tokens", 0) +
+                                                        m.get("teacher_completion_tokens", 0)
+                                                        for m in metrics.values()))
     data = seed_rows
     try:
         for i in range(cfg.iterations + 1):
@@ -380,8 +459,12 @@ def run(cfg):
                 print(f"no seed example is wrong after iteration {i}: stopping early")
                 break
             if row.get("stopped"):
-                print(f"stopping: {row['stopped']}")
-                break
+                if not row["n_augmented"]:
+                    print(f"stopping: {row['stopped']}")
+                    break
+                # the examples already paid for are trained on: one more fine-tune and evaluation, then stop
+                print(f"{row['stopped']}: one more fine-tune, on the {row['n_augmented']} new examples already "
+                      f"written, then stop")
             data = data + read_jsonl(os.path.join(step_dir, "augmented.jsonl"))
     finally:
         teacher.close()
@@ -443,21 +526,21 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
     accepted, rejected, unsatisfied, stopped, parents = [], [], [], None, []
     t0 = time.time()
     aug_path, rejected_path = os.path.join(step_dir, "augmented.jsonl"), os.path.join(step_dir, "rejected.jsonl")
+    usage = Counter()
     if i < cfg.iterations and wrong:
-        client = teacher.get()
-        requests_before = client.requests
-        parents = choose_parents(cfg, seed_rows, wrong, i)
-        accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i, cfg)
-        print(f"teacher: {len(accepted)} new examples from {len(parents)} seeds ({len(wrong)} wrong, --augment "
-              f"{cfg.augment}), {len(rejected)} rejected, "
-              f"{client.requests - requests_before} HTTP requests for {usage['replies']} replies (the rest from the cache)")
-        if unsatisfied:
-            print(f"{len(unsatisfied)} seed example(s) got no acceptable new example after "
-                  f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
+        client = teacher.client
+        if not client.budget_exhausted:
+            requests_before = client.requests
+            parents = choose_parents(cfg, seed_rows, wrong, i)
+            accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i, cfg)
+            print(f"teacher: {len(accepted)} new examples from {len(parents)} seeds ({len(wrong)} wrong, --augment "
+                  f"{cfg.augment}), {len(rejected)} rejected, {client.requests - requests_before} HTTP requests for "
+                  f"{usage['replies']} replies (the rest from the cache)")
+            if unsatisfied:
+                print(f"{len(unsatisfied)} seed example(s) got no acceptable new example after "
+                      f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
         if client.budget_exhausted:
             stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
-    else:
-        usage = Counter()
     write_jsonl(rejected_path, rejected)
     write_jsonl(aug_path, accepted)
     teacher_seconds = time.time() - t0

@@ -39,7 +39,7 @@ def _read_jsonl(path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ReportError(f"{path} line {line_no}: not valid JSON ({e.msg}). If the run was killed while "
-                                  f"writing, delete that line and run the report again.") from None
+                                  f"writing, resume it (which repairs the file) or delete that line.") from None
             if not isinstance(row, dict):
                 raise ReportError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}.")
             rows.append(row)

@@ -5,8 +5,13 @@ only code that talks to it. It is plain HTTP (requests) plus a thread pool, buil
 
   * retries with exponential backoff and jitter on connection errors, timeouts, 408, 429 and 5xx, honouring
     Retry-After; a hard cap on attempts, after which the job ends as a reported failure (never an exception);
-  * a content-addressed on-disk cache, so rerunning or resuming an experiment never repeats a paid call;
-  * token and request accounting, and an optional token budget after which no new request is sent.
+  * adaptive concurrency: a request that times out halves the number of requests in flight, so a server that
+    decodes one request at a time is not buried under queued requests that time out and are sent again while it
+    still works on the abandoned ones;
+  * a content-addressed on-disk cache, so rerunning or resuming an experiment never repeats a paid call, and a
+    run whose replies are all cached never needs the endpoint (the URL may be a function called on first need);
+  * token and request accounting, and an optional token budget that counts every reply used, cached or new, so a
+    resumed run stops where an uninterrupted one does.
 
 Usage:
 
@@ -15,6 +20,7 @@ Usage:
     t = Teacher("https://api.openai.com/v1", "gpt-4o-mini", cache_dir="runs/x/teacher_cache", workers=8)
     results = t.chat_many([{"messages": [{"role": "user", "content": "Write 3 math word problems."}]}])
     results[0]["choices"][0]["text"], results[0]["error"], t.prompt_tokens, t.completion_tokens, t.requests
+    t.tokens_used, t.budget_exhausted, t.concurrency
 
 The API key is read from an environment variable (OPENAI_API_KEY unless told otherwise) at the moment of each
 request. It is sent only as an Authorization header and is never stored on the object, printed, logged, put in an
@@ -168,19 +174,27 @@ def _auth_headers(api_key_env):
 class Teacher:
     """An OpenAI-compatible chat client with retries, an on-disk cache, token accounting and a token budget.
 
+    `url` is the base URL, or a function that returns it (e.g. one that starts a local server): it is called once,
+    for the first request the cache cannot answer, so a run whose replies are all cached never starts a server.
+
     The object owns the HTTP sessions (one per worker thread), the cache directory and the counters:
       prompt_tokens, completion_tokens  -- tokens of NEW (non-cached) replies, summed over all calls
       requests                          -- real HTTP requests sent (retries included, cache hits excluded)
-      budget_exhausted                  -- True once budget_tokens was reached and jobs were refused
+      tokens_used                       -- budget_spent plus the tokens of every reply returned, cached or new:
+                                           what the budget counts, so a resumed run spends as an uninterrupted one
+      budget_exhausted                  -- True once tokens_used reached budget_tokens; new requests are refused
+      concurrency                       -- requests allowed in flight: `workers`, halved after a timeout
     With several workers the budget can be overshot by the replies already in flight when it runs out.
     """
 
     def __init__(self, url, model, *, api_key_env="OPENAI_API_KEY", cache_dir=None, workers=4, max_attempts=6,
-                 timeout=120.0, budget_tokens=None, temperature=0.7, top_p=1.0, max_tokens=1024, seed=0,
-                 backoff=1.0, max_backoff=30.0):
+                 timeout=300.0, budget_tokens=None, budget_spent=0, temperature=0.7, top_p=1.0, max_tokens=1024,
+                 seed=0, backoff=1.0, max_backoff=30.0):
         if max_attempts < 1 or workers < 1:
             raise ValueError("Teacher needs workers >= 1 and max_attempts >= 1")
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/") if isinstance(url, str) else None
+        self._start_endpoint = None if isinstance(url, str) else url
+        self._endpoint_error = None
         self.model = model
         self.api_key_env = api_key_env  # the variable's NAME; its value is read per request and never kept
         self.cache_dir = cache_dir
@@ -193,12 +207,20 @@ class Teacher:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.requests = 0
-        self.budget_exhausted = False
+        self.tokens_used = budget_spent
+        self.concurrency = workers
+        self._in_flight = 0
         self._lock = threading.Lock()
+        self._slots = threading.Condition(self._lock)
+        self._endpoint_lock = threading.Lock()
         self._local = threading.local()
 
     def __repr__(self):
         return f"Teacher(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    @property
+    def budget_exhausted(self):
+        return self.budget_tokens is not None and self.tokens_used >= self.budget_tokens
 
     # -- public -------------------------------------------------------------
 
@@ -271,35 +293,74 @@ class Teacher:
         key = _api_key(self.api_key_env)
         return text.replace(key, "***") if key else text
 
-    def _budget_left(self):
-        with self._lock:
-            if self.budget_tokens is not None and self.prompt_tokens + self.completion_tokens >= self.budget_tokens:
-                self.budget_exhausted = True
-                return False
-            return True
+    def _endpoint(self):
+        """The base URL, starting the endpoint on first need. A start that failed is not tried again by every
+        worker: its error is raised to each of them, and from there out of chat_many."""
+        with self._endpoint_lock:
+            if self._endpoint_error is not None:
+                raise self._endpoint_error
+            if self.url is None:
+                try:
+                    self.url = self._start_endpoint().rstrip("/")
+                except BaseException as e:
+                    self._endpoint_error = e
+                    raise
+            return self.url
+
+    # Adaptive concurrency. A server that decodes one request at a time (llama.cpp's by default) queues the others,
+    # and the queue time counts against the client's timeout. With a fixed number of workers, queued requests time
+    # out, are abandoned and sent again while the server still works on them, and the pile only grows. So a
+    # timeout halves the requests allowed in flight; the workers above the limit wait their turn. The limit is
+    # halved at most once per generation of requests (a timeout of a request sent under a higher limit than the
+    # current one is already accounted for), and it is not raised again: a server that is too slow once stays so.
+
+    def _acquire_slot(self):
+        with self._slots:
+            while self._in_flight >= self.concurrency:
+                self._slots.wait()
+            self._in_flight += 1
+            return self.concurrency
+
+    def _release_slot(self, limit_when_sent, timed_out):
+        with self._slots:
+            self._in_flight -= 1
+            if timed_out and limit_when_sent == self.concurrency > 1:
+                self.concurrency //= 2
+                tqdm.write(f"teacher: a request timed out after {self.timeout:g}s; allowing {self.concurrency} "
+                           f"request(s) in flight from now on (a server that decodes one request at a time queues "
+                           f"the others; if it is just slow, raise the timeout)")
+            self._slots.notify_all()
 
     def _run(self, req):
         key, payload = req["key"], req["payload"]
         result = {"choices": [], "prompt_tokens": 0, "completion_tokens": 0, "cache_key": key,
                   "cached": False, "error": None, "attempts": 0}
         entry = _read_cache(self.cache_dir, key)
-        if entry is not None:  # recorded usage is kept for the report, but no new tokens were spent
-            return dict(result, choices=entry["choices"], prompt_tokens=entry.get("prompt_tokens", 0),
-                        completion_tokens=entry.get("completion_tokens", 0), cached=True)
+        if entry is not None:  # paid for earlier (maybe by a run that was killed): counts toward the budget again
+            pt, ct = entry.get("prompt_tokens", 0) or 0, entry.get("completion_tokens", 0) or 0
+            with self._lock:
+                self.tokens_used += pt + ct
+            return dict(result, choices=entry["choices"], prompt_tokens=pt, completion_tokens=ct, cached=True)
 
         last_error = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
-            if not self._budget_left():
-                return dict(result, error=BUDGET_SPENT)
-            result["attempts"] = attempt
-            retry_after = None
-            with self._lock:
-                self.requests += 1
+            limit_when_sent = self._acquire_slot()
+            timed_out = False
             try:
-                resp = self._session().post(f"{self.url}/chat/completions", json=payload, headers=self._headers(),
+                if self.budget_exhausted:
+                    return dict(result, error=BUDGET_SPENT)
+                url = self._endpoint()
+                result["attempts"] = attempt
+                retry_after = None
+                with self._lock:
+                    self.requests += 1
+                resp = self._session().post(f"{url}/chat/completions", json=payload, headers=self._headers(),
                                             timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as e:  # dropped or stalled connections
+            except requests.Timeout as e:  # no reply in time: maybe queued behind others on a busy server
+                timed_out = True
+                last_error = f"{type(e).__name__}: {e}"
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as e:  # dropped connections
                 last_error = f"{type(e).__name__}: {e}"
             except requests.RequestException as e:  # a bad URL and the like: asking again cannot help
                 return dict(result, error=self._scrub(f"request failed: {type(e).__name__}: {e}"))
@@ -313,6 +374,7 @@ class Teacher:
                         with self._lock:
                             self.prompt_tokens += pt
                             self.completion_tokens += ct
+                            self.tokens_used += pt + ct
                         if self.cache_dir:  # the request is stored beside the reply so a cache file is auditable
                             try:
                                 _write_cache(self.cache_dir, key, {"request": payload, "choices": choices,
@@ -326,6 +388,8 @@ class Teacher:
                         hint = f" (check ${self.api_key_env})" if resp.status_code in (401, 403) else ""
                         return dict(result, error=self._scrub(last_error + hint))
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.max_backoff)
+            finally:  # the slot is free again before any backoff sleep
+                self._release_slot(limit_when_sent, timed_out)
             if attempt < self.max_attempts:
                 delay = retry_after if retry_after is not None else _backoff_delay(attempt, self.backoff,
                                                                                     self.max_backoff)

@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -51,12 +52,22 @@ def data_dir(tmp_path):
 
 # -----------------------------------------------------------------------------
 # A scripted teacher: answers every chat completion with one new, unique SST-2 example derived from a hash of the
-# request, records the requests, and can hold a chosen request open so the test can kill the client mid-call.
+# request, records the requests, and can hold a chosen request open so the test can kill the client mid-call. Every
+# reply costs REPLY_TOKENS. `status` makes it fail every chat request; `one_at_a_time` with `delay` makes it a
+# server that decodes one request at a time, each taking `delay` seconds (llama.cpp's server by default).
+
+REPLY_TOKENS = 112
+
+
+class OneAtATimeServer(HTTPServer):
+    request_queue_size = 64  # waiting connections queue up as on a real server
+
 
 class ScriptedTeacher:
-    def __init__(self):
+    def __init__(self, one_at_a_time=False, delay=0.0):
         self.requests, self.hold_request, self.authorization = [], None, []
         self.holding, self.release = threading.Event(), threading.Event()
+        self.status, self.delay = 200, delay
         teacher = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,6 +83,11 @@ class ScriptedTeacher:
                 self.wfile.write(body)
 
             def do_GET(self):
+                if self.path != "/v1/models":
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self._send({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
 
             def do_POST(self):
@@ -81,6 +97,14 @@ class ScriptedTeacher:
                 if teacher.hold_request == len(teacher.requests):
                     teacher.holding.set()
                     teacher.release.wait(60)  # the client is killed while it waits
+                time.sleep(teacher.delay)
+                if teacher.status != 200:
+                    body = json.dumps({"error": {"message": "scripted failure"}}).encode()
+                    self.send_response(teacher.status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 user = request["messages"][-1]["content"]
                 digest = hashlib.sha256((user + str(request.get("seed"))).encode()).hexdigest()
                 words = " ".join("w" + digest[i:i + 5] for i in range(0, 30, 5))
@@ -89,10 +113,10 @@ class ScriptedTeacher:
                 self._send({"id": "x", "object": "chat.completion", "model": request["model"],
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                          "finish_reason": "stop"}],
-                            "usage": {"prompt_tokens": len(user.split()), "completion_tokens": 12,
-                                      "total_tokens": len(user.split()) + 12}})
+                            "usage": {"prompt_tokens": REPLY_TOKENS - 12, "completion_tokens": 12,
+                                      "total_tokens": REPLY_TOKENS}})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = (OneAtATimeServer if one_at_a_time else ThreadingHTTPServer)(("127.0.0.1", 0), Handler)
         self.server.handle_error = lambda request, address: None  # a killed client's dropped socket is expected
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -180,6 +204,22 @@ def test_two_iterations_follow_the_method_and_resume_for_free(tiny_llama_dir, da
     assert snapshot(out) == before
 
 
+def kill_during_request(argv, teacher, n):
+    """Run llm2llm.py as a real process and SIGKILL it while the teacher holds its n-th request open."""
+    teacher.requests.clear()
+    teacher.holding.clear()
+    teacher.hold_request = n
+    proc = subprocess.Popen([sys.executable, str(ROOT / "llm2llm.py"), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert teacher.holding.wait(timeout=240), f"the run never reached teacher request {n}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    teacher.hold_request = None
+    teacher.requests.clear()
+
+
 def test_a_kill_during_teacher_calls_resumes_to_the_same_metrics(tiny_llama_dir, data_dir, teacher, tmp_path):
     reference = tmp_path / "reference"
     assert llm2llm.main(flags(tiny_llama_dir, data_dir, reference, teacher.url)) == 0
@@ -187,19 +227,8 @@ def test_a_kill_during_teacher_calls_resumes_to_the_same_metrics(tiny_llama_dir,
 
     # a real process, killed with SIGKILL while the second teacher request of iteration 0 is in flight
     killed = tmp_path / "killed"
-    teacher.requests.clear()
-    teacher.hold_request = 2
-    proc = subprocess.Popen([sys.executable, str(ROOT / "llm2llm.py"),
-                             *flags(tiny_llama_dir, data_dir, killed, teacher.url)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert teacher.holding.wait(timeout=240), "the run never reached its second teacher request"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_during_request(flags(tiny_llama_dir, data_dir, killed, teacher.url), teacher, 2)
     assert not (killed / "metrics.jsonl").exists()  # it really died mid-iteration
-    teacher.hold_request = None
-    teacher.requests.clear()
 
     assert llm2llm.main(flags(tiny_llama_dir, data_dir, killed, teacher.url)) == 0
     # the finished first reply came from the cache: one request fewer than a run from scratch
@@ -211,33 +240,172 @@ def test_a_kill_during_teacher_calls_resumes_to_the_same_metrics(tiny_llama_dir,
             assert read_jsonl(killed / f"iter_{i:02d}" / name) == read_jsonl(reference / f"iter_{i:02d}" / name)
 
 
-def test_unreachable_teacher_stops_cleanly_and_the_rerun_resumes(tiny_llama_dir, data_dir, teacher, tmp_path,
-                                                                 capsys):
+def test_an_unusable_teacher_url_fails_before_any_training(tiny_llama_dir, data_dir, teacher, tmp_path, capsys,
+                                                             monkeypatch):
+    trained = []
+    monkeypatch.setattr(llm2llm, "train", lambda *a, **k: trained.append(1))
     out = tmp_path / "run"
-    assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, "http://127.0.0.1:9/v1")) == 2
-    err = capsys.readouterr().err
-    assert "cannot reach the teacher" in err, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert f"kept in {out}: rerun the same command to continue" in err
-    adapter = out / "iter_00" / "adapter" / "adapter_model.safetensors"
-    assert adapter.exists() and (out / "iter_00" / "seed_predictions.jsonl").exists()
-    trained = adapter.read_bytes()
-    # same flags with a working teacher: iteration 0 is not trained again
-    assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url)) == 0
-    assert adapter.read_bytes() == trained
-    assert len(read_jsonl(out / "metrics.jsonl")) == 3
+    for url, says in [("http://127.0.0.1:9/v1", "cannot reach the teacher"),
+                      (teacher.url[:-len("/v1")], "ending in /v1")]:  # a URL without /v1: its GET /models is a 404
+        assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, url)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err, err[-3000:]
+    assert trained == [] and not out.exists()
 
 
-def test_a_failed_run_without_out_says_which_out_resumes_it(tiny_llama_dir, data_dir, tmp_path, monkeypatch,
-                                                             capsys):
+def test_a_teacher_model_the_endpoint_does_not_list_is_warned_about(teacher, capsys):
+    cfg = llm2llm.Config(teacher_url=teacher.url, teacher_model="gpt-4o-mini")
+    llm2llm.check_teacher(cfg)
+    out = capsys.readouterr().out
+    assert "warning" in out and "lists scripted, not --teacher-model gpt-4o-mini" in out
+    llm2llm.check_teacher(llm2llm.Config(teacher_url=teacher.url, teacher_model="scripted"))
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failed_run_without_out_says_which_out_resumes_it(tiny_llama_dir, data_dir, teacher, tmp_path,
+                                                             monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = flags(tiny_llama_dir, data_dir, "unused", "http://127.0.0.1:9/v1")
+    teacher.status = 400  # every chat request is refused: the run stops at the first augmentation
+    argv = flags(tiny_llama_dir, data_dir, "unused", teacher.url)
     argv = argv[:argv.index("--out")] + ["--iterations", "1"]
     assert llm2llm.main(argv) == 2
     err = capsys.readouterr().err
+    assert "the teacher failed" in err
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and f"rerun the same command with --out {Path('runs') / runs[0].name}" in err
+    # the rerun with a working teacher picks the run up: iteration 0 is not trained again
+    adapter = runs[0] / "iter_00" / "adapter" / "adapter_model.safetensors"
+    trained = adapter.read_bytes()
+    teacher.status = 200
+    assert llm2llm.main(argv[:-2] + ["--iterations", "1", "--out", str(runs[0])]) == 0
+    assert adapter.read_bytes() == trained and len(read_jsonl(runs[0] / "metrics.jsonl")) == 2
 
+
+def test_the_budget_counts_cached_replies_and_what_it_paid_for_is_trained_on(tiny_llama_dir, data_dir, teacher,
+                                                                             tmp_path):
+    # a budget of two replies, spent during iteration 0 of 3
+    argv = lambda out: flags(tiny_llama_dir, data_dir, out, teacher.url, "--iterations", "3",  # noqa: E731
+                             "--teacher-budget-tokens", str(2 * REPLY_TOKENS))
+    reference = tmp_path / "reference"
+    assert llm2llm.main(argv(reference)) == 0
+    metrics = read_jsonl(reference / "metrics.jsonl")
+    assert metrics[0]["n_wrong"] > 2 and len(teacher.requests) == 2  # the budget, not the wrong seeds, stopped it
+    assert metrics[0]["stopped"] and metrics[0]["n_augmented"] > 0
+    # the examples paid for were trained on: one more fine-tune and evaluation, without the teacher, then the stop
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    assert metrics[1]["train_size"] == 6 + metrics[0]["n_augmented"] and metrics[1]["stopped"]
+    assert metrics[1]["teacher_requests"] == 0 and metrics[1]["n_augmented"] == 0
+    assert read_jsonl(reference / "iter_01" / "train.jsonl")[6:] == read_jsonl(reference / "iter_00" / "augmented.jsonl")
+
+    # killed while the second reply is in flight: the first is cached, and still counts when the run resumes
+    killed = tmp_path / "killed"
+    kill_during_request(argv(killed), teacher, 2)
+    assert llm2llm.main(argv(killed)) == 0
+    assert len(teacher.requests) == 1
+    assert without_timings(read_jsonl(killed / "metrics.jsonl")) == without_timings(metrics)
+
+    # killed after iteration 0 finished: what it used is read back from metrics.jsonl, and nothing more is asked
+    (killed / "metrics.jsonl").write_text(json.dumps(metrics[0]) + "\n")
+    teacher.requests.clear()
+    assert llm2llm.main(argv(killed)) == 0
+    assert teacher.requests == [] and without_timings(read_jsonl(killed / "metrics.jsonl")) == without_timings(metrics)
+
+
+def test_a_resumed_iteration_with_every_reply_cached_loads_no_teacher(tiny_llama_dir, data_dir, tmp_path,
+                                                                      monkeypatch):
+    loaded = []
+    real_load = llm2llm.load_model
+    monkeypatch.setattr(llm2llm, "load_model", lambda name, device, precision, role: loaded.append(role) or
+                        real_load(name, device, precision, role))
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    argv = flags(tiny_llama_dir, data_dir, tmp_path / "run", "unused")
+    argv = argv[:argv.index("--teacher-url")] + argv[argv.index("--teacher-url") + 2:]  # the embedded server
+    argv = [a if a != "scripted" else str(tiny_llama_dir) for a in argv] + ["--iterations", "1",
+                                                                         "--teacher-max-tokens", "8"]
+    assert llm2llm.main(argv) == 0
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert loaded == ["student", "teacher"] and metrics[0]["teacher_requests"] > 0
+
+    # as if killed after the teacher's replies were cached but before the iteration's metrics row was written
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    loaded.clear()
+    assert llm2llm.main(argv) == 0
+    assert loaded == ["student"]
+    assert without_timings(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == without_timings(metrics)
+
+
+def test_a_torn_metrics_line_is_repaired_on_resume(tiny_llama_dir, data_dir, teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url)) == 0
+    metrics = read_jsonl(out / "metrics.jsonl")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    teacher.requests.clear()
+    # killed while writing row 1 (cut mid-JSON), then while writing the end of row 1 (no newline)
+    for torn in (lines[0] + "\n" + lines[1][:len(lines[1]) // 2], lines[0] + "\n" + lines[1]):
+        (out / "metrics.jsonl").write_text(torn)
+        assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url)) == 0
+        assert "repairing" in capsys.readouterr().out
+        assert without_timings(read_jsonl(out / "metrics.jsonl")) == without_timings(metrics)  # a row per line
+        assert teacher.requests == []  # the redone iteration's replies came from the cache
+        assert llm2llm.main(["report", str(out)]) == 0
+    # a bad line before the last is not a kill's doing: it is reported, not cut away
+    (out / "metrics.jsonl").write_text(lines[0] + "\n{oops\n" + lines[2] + "\n")
+    err = run_error(capsys, flags(tiny_llama_dir, data_dir, out, teacher.url))
+    assert f"{out / 'metrics.jsonl'}:2" in err
+
+
+def test_config_records_precision_and_prompts_and_a_resume_may_not_change_them(tiny_llama_dir, data_dir, teacher,
+                                                                               tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "sst2.txt").write_bytes((llm2llm.PROMPTS_DIR / "sst2.txt").read_bytes())
+    monkeypatch.setattr(llm2llm, "PROMPTS_DIR", prompts)
+    out = tmp_path / "run"
+    argv = flags(tiny_llama_dir, data_dir, out, teacher.url, "--iterations", "0")
+    assert llm2llm.main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision_used"] == "fp32"
+    assert config["prompt_sha256"] == {"prompts/sst2.txt": hashlib.sha256((prompts / "sst2.txt").read_bytes())
+                                       .hexdigest()}
+
+    # --device and --precision may change as long as the precision they give does not; so may the URL, with a warning
+    capsys.readouterr()
+    assert llm2llm.main(argv + ["--device", "cpu", "--precision", "fp32", "--teacher-url", "http://other:1/v1"]) == 0
+    out_text = capsys.readouterr().out
+    assert f"warning: this run's teacher was {teacher.url}, now it is http://other:1/v1" in out_text
+    # a run started on a GPU in bf16 cannot be resumed in fp32 on the CPU
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, precision_used="bf16")))
+    err = run_error(capsys, argv)
+    assert "precision: bf16 then, fp32 now" in err and "--force" in err
+    (out / "config.json").write_text(json.dumps(config))
+    # an edited prompt file
+    with open(prompts / "sst2.txt", "a") as f:
+        f.write("\nOne more rule.\n")
+    err = run_error(capsys, argv)
+    assert "prompts/sst2.txt was edited since the run started" in err
+    assert llm2llm.main(argv + ["--force"]) == 0
+    assert json.loads((out / "config.json").read_text())["prompt_sha256"]["prompts/sst2.txt"] == \
+        hashlib.sha256((prompts / "sst2.txt").read_bytes()).hexdigest()
+    # a precision the device cannot run is refused before anything is trained
+    capsys.readouterr()
+    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "bf16", teacher.url, "--precision", "bf16",
+                                  "--device", "cpu"))
+    assert "needs a CUDA device" in err and not (tmp_path / "bf16").exists()
+
+
+def test_a_server_that_decodes_one_request_at_a_time_does_not_fail_the_run(tiny_llama_dir, data_dir, tmp_path,
+                                                                           capsys):
+    slow = ScriptedTeacher(one_at_a_time=True, delay=0.2)
+    try:
+        argv = flags(tiny_llama_dir, data_dir, tmp_path / "run", slow.url, "--teacher-workers", "8",
+                     "--teacher-timeout", "0.5", "--iterations", "1")
+        assert llm2llm.main(argv) == 0
+    finally:
+        slow.server.shutdown()
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert metrics[0]["n_wrong"] >= 4 and metrics[0]["teacher_requests"] == metrics[0]["n_wrong"]
+    assert "timed out" in capsys.readouterr().out  # queued requests did time out, and the run still finished
 
 # -----------------------------------------------------------------------------
 # Bad input: a message that says what to do, exit code 2, nothing lost
@@ -255,23 +423,23 @@ def test_unknown_task_lists_the_known_ones(capsys, tmp_path):
     assert "gsm9k" in err and all(name in err for name in ("gsm8k", "sst2", "trec", "snips", "casehold"))
 
 
-def test_malformed_data_names_file_and_line(capsys, data_dir, tiny_llama_dir, tmp_path):
+def test_malformed_data_names_file_and_line(capsys, data_dir, tiny_llama_dir, teacher, tmp_path):
     path = data_dir / "sst2" / "train.jsonl"
     lines = path.read_text().splitlines()
     lines[4] = '{"text": "cut off'
     path.write_text("\n".join(lines) + "\n")
-    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", "http://127.0.0.1:9/v1"))
+    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", teacher.url))
     assert f"{path}:5" in err
 
 
-def test_seed_size_larger_than_the_data(capsys, data_dir, tiny_llama_dir, tmp_path):
-    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", "http://127.0.0.1:9/v1",
+def test_seed_size_larger_than_the_data(capsys, data_dir, tiny_llama_dir, teacher, tmp_path):
+    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", teacher.url,
                                   "--seed-size", "500"))
     assert "500" in err and "16" in err
 
 
-def test_empty_seed_set(capsys, data_dir, tiny_llama_dir, tmp_path):
-    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", "http://127.0.0.1:9/v1",
+def test_empty_seed_set(capsys, data_dir, tiny_llama_dir, teacher, tmp_path):
+    err = run_error(capsys, flags(tiny_llama_dir, data_dir, tmp_path / "r", teacher.url,
                                   "--seed-size", "0"))
     assert "empty" in err
 
@@ -287,8 +455,8 @@ def test_an_undertrained_student_is_named_as_such(capsys):
     assert "looks undertrained" in out and "43 of the 55" in out and "--min-steps (now 64)" in out
 
 
-def test_missing_student_folder(capsys, data_dir, tmp_path):
-    err = run_error(capsys, flags(tmp_path / "no-such-model", data_dir, tmp_path / "r", "http://127.0.0.1:9/v1"))
+def test_missing_student_folder(capsys, data_dir, teacher, tmp_path):
+    err = run_error(capsys, flags(tmp_path / "no-such-model", data_dir, tmp_path / "r", teacher.url))
     assert "no-such-model" in err and "no such folder" in err
 
 

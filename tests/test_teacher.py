@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 import pytest
 
@@ -299,6 +299,102 @@ def test_zero_budget_sends_nothing(server):
     t = make_teacher(url, budget_tokens=0)
     assert all(r["error"] == T.BUDGET_SPENT for r in t.chat_many([job("ok")], progress=False))
     assert srv.state["total"] == 0 and t.budget_exhausted
+
+
+def test_budget_counts_cached_replies_so_a_resumed_run_stops_where_an_uninterrupted_one_does(server, tmp_path):
+    srv, url = server
+    jobs = [job("ok", sample=i) for i in range(5)]
+    whole = make_teacher(url, workers=1, budget_tokens=45).chat_many(jobs, progress=False)  # 3 replies of 15
+    assert [r["error"] for r in whole] == [None] * 3 + [T.BUDGET_SPENT] * 2
+
+    cache = str(tmp_path / "cache")
+    make_teacher(url, workers=1, cache_dir=cache).chat_many(jobs[:2], progress=False)  # a run killed after 2
+    srv.state["total"] = 0
+    t = make_teacher(url, workers=1, budget_tokens=45, cache_dir=cache)
+    resumed = t.chat_many(jobs, progress=False)
+    assert [r["error"] for r in resumed] == [r["error"] for r in whole]
+    assert [r["cached"] for r in resumed[:3]] == [True, True, False] and srv.state["total"] == 1
+    assert t.tokens_used == 45 and (t.prompt_tokens, t.completion_tokens) == (11, 4) and t.budget_exhausted
+
+    # what earlier, finished parts of the run used is passed in and counts too
+    t = make_teacher(url, workers=1, budget_tokens=45, budget_spent=30)
+    assert [r["error"] for r in t.chat_many(jobs[3:], progress=False)] == [None, T.BUDGET_SPENT]
+    assert T.Teacher(url, "m", budget_tokens=45, budget_spent=45).budget_exhausted
+
+
+def test_the_endpoint_is_started_only_for_a_reply_the_cache_lacks(server, tmp_path):
+    _, url = server
+    cache = str(tmp_path / "cache")
+    make_teacher(url, cache_dir=cache).chat_many([job("ok"), job("ok", sample=1)], progress=False)
+    started = []
+
+    def start():
+        started.append(1)
+        return url
+
+    t = make_teacher(start, cache_dir=cache)
+    assert all(r["cached"] for r in t.chat_many([job("ok"), job("ok", sample=1)], progress=False))
+    assert started == [] and t.url is None
+    results = t.chat_many([job("ok", sample=i) for i in range(2, 8)], progress=False)  # six workers need it at once
+    assert started == [1] and all(r["error"] is None for r in results)
+
+    def broken():
+        started.append(2)
+        raise RuntimeError("could not start the teacher")
+
+    with pytest.raises(RuntimeError, match="could not start"):
+        make_teacher(broken, cache_dir=cache).chat_many([job("ok", sample=i) for i in range(10, 16)], progress=False)
+    assert started == [1, 2]  # tried once, not by every worker
+
+# -----------------------------------------------------------------------------
+# A server that decodes one request at a time (llama.cpp's default): queued requests wait, and the wait counts
+# against the client's timeout. A request the client gave up on is still decoded, taking the server's time.
+
+SERVE_SECONDS = 0.1  # per request; the client timeout in this test is 5 times that
+
+
+class OneAtATime(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        st = self.server.state
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(SERVE_SECONDS)
+        st["served"] += 1
+        reply = {"id": "x", "object": "chat.completion", "model": body["model"], "usage": USAGE,
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": body["messages"][-1]["content"]}}]}
+        data = json.dumps(reply).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            st["abandoned"] += 1
+
+
+class SingleThreadedServer(HTTPServer):
+    request_queue_size = 64  # connections queue up as on a real server instead of being refused
+
+
+def test_a_one_at_a_time_server_is_not_buried_under_retries(tmp_path):
+    srv = SingleThreadedServer(("127.0.0.1", 0), OneAtATime)
+    srv.handle_error = lambda request, address: None
+    srv.state = {"served": 0, "abandoned": 0}
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        t = make_teacher(f"http://127.0.0.1:{srv.server_address[1]}/v1", workers=16, max_attempts=6,
+                         timeout=5 * SERVE_SECONDS, backoff=0.25, max_backoff=1.0)
+        results = t.chat_many([job(f"ok {i}") for i in range(32)], progress=False)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [r["error"] for r in results] == [None] * 32
+    assert [r["choices"][0]["text"] for r in results] == [f"ok {i}" for i in range(32)]
+    assert t.concurrency < 16  # it did time out, and lowered how many requests it keeps in flight
 
 # -----------------------------------------------------------------------------
 # Secrets
