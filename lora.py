@@ -90,7 +90,8 @@ class LoRALinear(nn.Module):
         h = self.lora_dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.lora_A.weight.dtype)  # a bf16 base without autocast still feeds fp32 adapters
-        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+        # scale and add in one in-place kernel: the frozen layer's output is not needed for its backward pass
+        return out.add_(self.lora_B(self.lora_A(h)).to(out.dtype), alpha=self.scaling)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"

@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from lora import lora_modules
@@ -109,14 +110,27 @@ def collate(examples, pad_id, device):
 
 # -----------------------------------------------------------------------------
 # Loss: the lm_head runs only on positions that predict a response token. The vocabulary projection is the
-# largest single matmul of a small model, and prompt positions would be thrown away anyway.
+# largest single matmul of a small model, and prompt positions would be thrown away anyway. Its fp32 logits are the
+# largest tensor of a step (tokens x vocab: 8.6 GiB for 16k response tokens of a 152k vocabulary), so beyond
+# LOSS_CHUNK_TOKENS positions they are computed a chunk at a time under activation checkpointing: each chunk's
+# logits live only while its loss (and, in backward, its gradient) is computed. The sum is the same loss.
 
-def response_loss_sum(model, input_ids, target_mask):
+LOSS_CHUNK_TOKENS = 4096
+
+
+def _chunk_loss_sum(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def response_loss_sum(model, input_ids, target_mask, chunk_tokens=LOSS_CHUNK_TOKENS):
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1][target_mask]
     targets = input_ids[:, 1:][target_mask]
-    logits = model.get_output_embeddings()(hidden)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    head = model.get_output_embeddings()
+    if hidden.shape[0] <= chunk_tokens:  # the usual case: one chunk, nothing to recompute
+        return _chunk_loss_sum(head, hidden, targets)
+    return sum(torch.utils.checkpoint.checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
+               for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
 
 
 # -----------------------------------------------------------------------------

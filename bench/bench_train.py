@@ -3,6 +3,7 @@
     python bench/bench_train.py                                   # SmolLM2-135M-Instruct, CPU fp32, 32 GSM8K rows
     python bench/bench_train.py --rows 64 --model PATH --data ../shared/data/gsm8k/train.jsonl
     python bench/bench_train.py --device cuda --precision bf16 --config qwen2.5-0.5b --rows 512   # GPU, random init
+    python bench/bench_train.py --device cuda --precision bf16 --config llama2-7b --rows 256 --batch-size 32
 
 Both sides train the same base weights on the same GSM8K rows, rendered identically (train.render_prompt +
 response + EOS), with LoRA r=8, alpha=16, dropout 0.05 on all seven projections, AdamW at the same lr, 8 rows per
@@ -20,7 +21,9 @@ through the activations; frozen weights get no weight gradient, and the LoRA mat
 scores are left out. The same count is used for both sides, so it measures useful work (ours really does less on
 prompt positions), against the GPU's dense bf16 peak (--peak-tflops to override).
 
-Prints one JSON line: {"bench": "train", "model", "rows", "ours_tok_s", "peft_tok_s", "ratio", ...}.
+Prints one JSON line: {"bench": "train", "model", "rows", "ours_tok_s", "peft_tok_s", "ratio", "peak_memory_gib",
+...}. peak_memory_gib is the process's peak (CUDA: the most memory tensors held; CPU: the resident set), over both
+sides, so it includes both copies of the base weights.
 """
 import argparse
 import contextlib
@@ -76,7 +79,7 @@ def byte_tokenizer():
 
 def build_model(args):
     """(base model in eval mode on the device, tokenizer, display name)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
     path = args.model or smollm2_path()
     if args.config == "smollm2":
         if not path or not os.path.isdir(path):
@@ -85,14 +88,20 @@ def build_model(args):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return model.to(args.device).eval(), AutoTokenizer.from_pretrained(path), "SmolLM2-135M-Instruct"
     tokenizer = AutoTokenizer.from_pretrained(path) if path and os.path.isdir(path) else byte_tokenizer()
-    config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
-                         max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.config == "llama2-7b":
+        config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, **special)
+    else:
+        config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                             intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+                             max_position_embeddings=32768, **special)
     torch.manual_seed(0)
-    with torch.device(args.device):  # initialise on the GPU: 0.5B parameters are slow to init on the CPU
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval(), tokenizer, "qwen2.5-0.5b-shape (random init)"
+    # the frozen base in the training precision, as llm2llm loads it on CUDA: autocast then never re-casts it
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    with torch.device(args.device):  # initialise on the GPU: billions of parameters are slow to init on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), tokenizer, f"{args.config}-shape (random init)"
 
 
 def load_pairs(path, n, seed):
@@ -116,6 +125,14 @@ def load_pairs(path, n, seed):
 
 def matmul_params(model):
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def peak_memory_gib(device):
+    """Peak GPU memory allocated by tensors on CUDA; on CPU the process's peak resident set (weights included)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux reports KiB
 
 
 def sync(device):
@@ -172,7 +189,8 @@ def ours_train(model, tokenizer, pairs, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=["smollm2", "qwen2.5-0.5b"], default="smollm2")
+    ap.add_argument("--config", choices=["smollm2", "qwen2.5-0.5b", "llama2-7b"], default="smollm2",
+                    help="real SmolLM2 weights, or a random model of Qwen2.5-0.5B's or Llama-2-7B's shape")
     ap.add_argument("--model", help="SmolLM2 folder (default: printed by ../shared/models/smollm2.sh)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
     ap.add_argument("--rows", type=int, default=32, help="timed rows per side (default: ~5 min on an idle 2-core CPU)")
@@ -227,7 +245,7 @@ def main():
               "ratio": round(ours_tok_s / peft_tok_s, 3), "ours_s": round(ours["seconds"], 2),
               "peft_s": round(theirs["seconds"], 2),
               "peft_pad_fraction": round(1 - theirs["tokens"] / theirs["padded_tokens"], 3),
-              "matmul_params": n_matmul}
+              "matmul_params": n_matmul, "peak_memory_gib": peak_memory_gib(device)}
     if device.type == "cuda":
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items()
                                          if k in torch.cuda.get_device_name(device)), None)

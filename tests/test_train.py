@@ -74,6 +74,11 @@ def lora_state(model):
             for p in ("lora_A", "lora_B")}
 
 
+def lora_grads(model):
+    return {f"{n}.{p}": getattr(m, p).weight.grad.clone() for n, m in lora.lora_modules(model)
+            for p in ("lora_A", "lora_B")}
+
+
 def hf_reference_batch(tokenizer, pairs):
     """A right-padded batch with an attention mask and HF-style labels: -100 on prompt and pad positions."""
     encoded = [encode_pair(tokenizer, p, r, 1024) for p, r in pairs]
@@ -148,6 +153,27 @@ def test_response_loss_sum_matches_hf_labels_and_rowwise_reference(model_dir, to
         other_pad, _ = collate(encoded, 7, torch.device("cpu"))
         assert torch.equal(response_loss_sum(model, other_pad, mask), ours)
         assert mask.sum() == n_targets
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradient(model_dir, tokenizer):
+    # chunks of 2 response positions (6 in all: three chunks) against one pass over all of them
+    model = student(model_dir)
+    with torch.no_grad():
+        for m in (m for _, m in lora.lora_modules(model)):
+            m.lora_B.weight.normal_(0, 0.05)
+    input_ids, mask = collate([encode_pair(tokenizer, p, r, 1024) for p, r in PAIRS], tokenizer.pad_token_id,
+                              torch.device("cpu"))
+    results = []
+    for chunk_tokens in (10_000, 2):
+        model.zero_grad(set_to_none=True)
+        loss = response_loss_sum(model, input_ids, mask, chunk_tokens=chunk_tokens)
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model)))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert mask.sum() > 2  # more than one chunk really ran
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-6)
+    for name in whole_grads:
+        torch.testing.assert_close(chunked_grads[name], whole_grads[name], atol=2e-5, rtol=1e-4)  # sum order
 
 
 def test_step_loss_and_gradient_are_normalised_over_the_whole_step(model_dir, tokenizer, monkeypatch):
