@@ -1,0 +1,151 @@
+"""The loop under torchrun: 2 processes on the CPU (gloo) against 1 process, a rank that dies, and the rerun.
+
+    python -m pytest -q tests/test_distributed.py
+
+The reference is the same command in one process. Two processes must give the same greedy predictions and
+metrics, and final LoRA weights equal within a tolerance (see test_two_processes_match_one_process for why they
+are not bit-identical). A rank that hangs must make the other stop within --dist-timeout with a message that says
+to rerun, and the rerun must finish the run as if nothing had happened.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llm2llm
+from conftest import ROOT
+from test_llm2llm import NEGATIVE, POSITIVE, ScriptedTeacher, read_jsonl, without_timings
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "sst2"
+    folder.mkdir()
+    rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [{"text": t, "label": "negative"} for t in NEGATIVE]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::2] + rows[1::2]))
+    (folder / "test.jsonl").write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in [
+        ("a warm and wise film", "positive"), ("a chore to sit through", "negative"),
+        ("sharp , funny and true", "positive"), ("lifeless and forgettable", "negative"),
+        ("an instant classic", "positive")]))
+    return folder.parent
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    t = ScriptedTeacher()
+    yield t
+    t.release.set()
+    t.server.shutdown()
+
+
+def flags(student, data_dir, out, teacher_url, *extra):
+    # no LoRA dropout: one process and two draw different dropout masks, which is not what this test compares
+    return ["--task", "sst2", "--data-dir", str(data_dir), "--student", str(student), "--teacher-url", teacher_url,
+            "--teacher-model", "scripted", "--seed-size", "7", "--iterations", "1", "--epochs", "2",
+            "--batch-size", "4", "--eval-batch-size", "2", "--max-new-tokens", "4", "--lora-dropout", "0",
+            "--teacher-workers", "1", "--out", str(out), *extra]
+
+
+def torchrun(argv, timeout=240):
+    out = subprocess.run([*TORCHRUN, str(ROOT / "llm2llm.py"), *argv], capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, data_dir, teacher, tmp_path_factory):
+    """The same run in one process and in two."""
+    base = tmp_path_factory.mktemp("runs")
+    assert llm2llm.main(flags(tiny_llama_dir, data_dir, base / "one", teacher.url)) == 0
+    two = torchrun(flags(tiny_llama_dir, data_dir, base / "two", teacher.url))
+    return base / "one", base / "two", two
+
+
+def adapter(path):
+    return load_file(path / "adapter" / "adapter_model.safetensors")
+
+
+def test_two_processes_match_one_process(runs):
+    one, two, launch = runs
+    assert "distributed: 2 processes (gloo)" in launch.stdout
+    assert launch.stdout.count("config:") == 1  # only rank 0 prints
+    metrics_one, metrics_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics_two] == [0, 1]
+    assert metrics_two[0]["n_wrong"] > 0 and metrics_two[1]["train_size"] > metrics_two[0]["train_size"]
+    # final_loss is a float summed in another order (below); everything else is equal
+    assert [dict(m, final_loss=None) for m in without_timings(metrics_two)] == \
+        [dict(m, final_loss=None) for m in without_timings(metrics_one)]
+    for i in (0, 1):
+        step_one, step_two = one / f"iter_{i:02d}", two / f"iter_{i:02d}"
+        for name in ("train.jsonl", "seed_predictions.jsonl", "test_predictions.jsonl", "augmented.jsonl"):
+            assert read_jsonl(step_two / name) == read_jsonl(step_one / name), name  # greedy: identical
+        # Not bit-identical: with two processes each rank sums the loss gradients of its own rows, and the all-reduce
+        # adds the two partial sums; one process accumulates the same terms in another order. Float addition is not
+        # associative, so the weights differ by rounding (~1e-7 relative per step), which AdamW's normalised
+        # update can amplify on near-zero gradients. 1e-4 is far below any change training makes (checked below).
+        a, b = adapter(step_one), adapter(step_two)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        trained = sum((a[k] != 0).sum().item() for k in a if "lora_B" in k)  # B starts at zero
+        assert trained > 0
+        assert abs(metrics_two[i]["final_loss"] - metrics_one[i]["final_loss"]) < 1e-5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_hung_rank_stops_the_other_within_the_timeout_and_the_rerun_resumes(tiny_llama_dir, data_dir, teacher,
+                                                                              runs, tmp_path):
+    # Two ranks started by hand, as torchrun would on two machines: here torchrun itself would notice a dead
+    # worker and stop the others, on several nodes it cannot. Rank 0 is frozen (SIGSTOP) while it waits for the
+    # teacher, so its heartbeat stops; rank 1 must give up after --dist-timeout with a clear message.
+    out, timeout = tmp_path / "run", 6
+    argv = flags(tiny_llama_dir, data_dir, out, teacher.url, "--dist-timeout", str(timeout))
+    env = dict(os.environ, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    teacher.requests.clear()
+    teacher.holding.clear()
+    teacher.release.clear()
+    teacher.hold_request = 1
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "llm2llm.py"), *argv],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        assert teacher.holding.wait(timeout=180), "rank 0 never reached the teacher"
+        procs[0].send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        _, err = procs[1].communicate(timeout=timeout + 30)
+        waited = time.time() - stopped_at
+    finally:
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].communicate()
+        teacher.hold_request = None
+        teacher.release.set()
+    assert procs[1].returncode == 2, err[-3000:]
+    assert "another process of this run stopped or did not answer within --dist-timeout 6 s" in err, err[-3000:]
+    assert "rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
+    assert timeout <= waited < timeout + 30
+    assert not (out / "metrics.jsonl").exists()  # it really stopped in iteration 0
+    trained = (out / "iter_00" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    # the rerun (torchrun, 2 processes) resumes: iteration 0 is not trained again, the run ends as the reference
+    torchrun(argv)
+    assert (out / "iter_00" / "adapter" / "adapter_model.safetensors").read_bytes() == trained
+    reference = runs[1]
+    assert without_timings(read_jsonl(out / "metrics.jsonl")) == without_timings(read_jsonl(reference / "metrics.jsonl"))
+    for name in ("seed_predictions.jsonl", "test_predictions.jsonl", "augmented.jsonl"):
+        assert read_jsonl(out / "iter_01" / name) == read_jsonl(reference / "iter_01" / name)
