@@ -123,7 +123,16 @@ def _llama_forward(model, input_ids, position_ids, cache, rows, slot, key_mask):
 def _uses_fast_path(model):
     config = model.config
     return (config.model_type in FAST_MODEL_TYPES and hasattr(model, "model") and hasattr(model.model, "rotary_emb")
-            and not getattr(config, "use_sliding_window", False))
+            and not getattr(config, "use_sliding_window", False) and not is_sharded(model))
+
+
+def is_sharded(model):
+    """True when FSDP (llm2llm.py --fsdp) shards the model's layers: their weights exist whole only inside each
+    layer's own forward call, which the fast path bypasses, so such a model decodes through its own forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _eos_ids(model, tokenizer):

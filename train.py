@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import dist
+from generate import is_sharded
 from lora import lora_modules
 
 
@@ -210,6 +211,16 @@ def _sum_over_ranks(params, step_loss):
     step_loss.copy_(flat[-1])
 
 
+def _lockstep(step_rows, my_rows, micro_batches, lengths, micro_batch_tokens):
+    """Under FSDP: pad this rank's micro-batches with zero-weight copies of one row of the step up to the most any
+    rank has, so that all ranks make the same sequence of forward and backward calls."""
+    ordered = sorted(step_rows, key=lambda i: lengths[i])
+    most = max(len(split_micro_batches(ordered[r::dist.world_size()], lengths, micro_batch_tokens))
+               for r in range(dist.world_size()))
+    padding = most - len(micro_batches)
+    return micro_batches + [[(my_rows or ordered)[0]]] * padding, [1.0] * len(micro_batches) + [0.0] * padding
+
+
 # -----------------------------------------------------------------------------
 # The loop
 
@@ -256,6 +267,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
               f"tokens/step), micro-batches of <= {micro_batch_tokens} tokens, {precision}, peak lr {lr:g}"
               + (f", resuming at step {start_step}" if start_step else ""))
 
+    sharded = is_sharded(model)
     model.train()
     bar = tqdm(total=len(steps), initial=start_step, desc="train", disable=not progress, leave=False)
     t0, last_save = time.time(), time.time()
@@ -269,11 +281,14 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, micro_ba
         my_rows = dist.my_share(sorted(steps[step], key=lambda i: lengths[i]))
         micro_batches = split_micro_batches(my_rows, lengths, micro_batch_tokens)
         n_targets = sum(lengths[i] - examples[i][1] for i in steps[step])
+        weights = [1.0] * len(micro_batches)
+        if sharded:  # every forward is a collective (FSDP gathers each layer): all ranks run as many micro-batches
+            micro_batches, weights = _lockstep(steps[step], my_rows, micro_batches, lengths, micro_batch_tokens)
         step_loss = torch.zeros((), device=device)
-        for rows in micro_batches:
+        for rows, weight in zip(micro_batches, weights):
             input_ids, target_mask = collate([examples[i] for i in rows], pad_id, device)
             with autocast_context(device, precision):
-                loss = response_loss_sum(model, input_ids, target_mask) / n_targets
+                loss = response_loss_sum(model, input_ids, target_mask) / n_targets * weight  # x * 1.0 is exact
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
         tokens_seen += sum(lengths[i] for i in steps[step])
