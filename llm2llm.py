@@ -41,7 +41,7 @@ from report import ReportError, render_table, write_report
 from serve import main as serve_main, make_server, start_background
 from tasks import TaskError, filter_generated, get_task, sample_seed
 from teacher import BUDGET_SPENT, Teacher, check_reachable
-from train import TrainingError, render_prompt, train
+from train import TrainingError, default_precision, render_prompt, train
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass; its fields are the command-line flags (dashes there, underscores here).
@@ -406,22 +406,27 @@ def _run(cfg, device):
 
 
 def load_student(cfg, device):
-    """The student on this rank's device; with --fsdp each decoder layer's frozen weights are sharded over the
-    ranks (FSDP2). Adapters added later stay whole on every rank: FSDP manages only the parameters it was given."""
+    """The student on this rank's device. With --fsdp each decoder layer's frozen weights are sharded over the ranks
+    (FSDP2); embeddings, final norm and lm_head stay whole on every rank, so the training loss may call lm_head
+    directly. Adapters added later stay whole too: FSDP manages only the parameters it was given."""
     if not (cfg.fsdp and dist.active()):
         return load_model(cfg.student, device, cfg.precision, "student")
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    model, tokenizer = load_model(cfg.student, torch.device("cpu"), cfg.precision, "student")
-    if device.type == "cuda" and cfg.precision != "fp32":  # bf16 weights on the wire and in the matmuls
-        model.to(torch.bfloat16)
-    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (dist.world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if device.type == "cuda" else MixedPrecisionPolicy()
-    # the decoder layers hold nearly all weights; embeddings, final norm and lm_head stay whole on every rank, so
-    # the training loss may call lm_head directly
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    model.model.embed_tokens.to(device), model.model.norm.to(device), model.lm_head.to(device)
-    model.model.rotary_emb.to(device)
+    # every rank first loads the whole model into CPU memory, in the precision it computes in (bf16 on CUDA)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision or default_precision(device))
+    model, tokenizer = load_model(cfg.student, torch.device("cpu"), cfg.precision, "student", dtype=low)
+    body = getattr(model, "model", None)
+    if not isinstance(getattr(body, "layers", None), torch.nn.ModuleList):
+        raise RunError(f"--fsdp shards Llama-family students (model.model.layers); {cfg.student} is a "
+                       f"{model.config.model_type} model: run it without --fsdp")
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
+    for layer in body.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=low))  # moves shards to device
+    for name, child in body.named_children():
+        if name != "layers":
+            child.to(device)
+    model.lm_head.to(device)
     return model, tokenizer
 
 
