@@ -91,7 +91,7 @@ def describe():
     """One line for the start-up print."""
     if not active():
         return "1 process"
-    return (f"{world_size()} processes ({torch_dist.get_backend()}), rank {rank()}, torch threads "
+    return (f"{world_size()} processes ({torch_dist.get_backend()}), torch threads "
             f"{torch.get_num_threads()}, collective timeout {_state['timeout_s']:g} s")
 
 
@@ -140,11 +140,6 @@ def broadcast_tensors(tensors):
     if active():
         for t in tensors:
             _collective(torch_dist.broadcast, t.data, src=0)
-
-
-def barrier():
-    if active():
-        _collective(torch_dist.barrier, group=_state["objects"])
 
 
 def from_rank0(fn):

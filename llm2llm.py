@@ -356,6 +356,8 @@ def _run(cfg, device):
         print("config:", json.dumps(asdict(cfg)))
         if dist.active():
             print(f"distributed: {dist.describe()}" + (", base model sharded (FSDP2)" if cfg.fsdp else ""))
+        elif cfg.fsdp:
+            print("--fsdp: one process, nothing to shard (launch with torchrun to shard the model)")
 
         seed_path = os.path.join(cfg.out, "seed.jsonl")
         if not os.path.exists(seed_path):

@@ -164,6 +164,59 @@ def test_a_hung_rank_stops_the_other_within_the_timeout_and_the_rerun_resumes(ti
 
 
 # -----------------------------------------------------------------------------
+# train() on two ranks: a kill and a resume from rank 0's checkpoint (with every rank's RNG state, as LoRA dropout
+# is on) must end exactly where an uninterrupted two-rank training ends.
+
+def _train_worker(rank, port, model_dir, pairs, checkpoint, result):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import lora
+    from conftest import load_pretrained
+    dist.init(torch.device("cpu"), 60)
+    kwargs = dict(epochs=3, batch_size=4, lr=5e-3, seed=3, progress=False, checkpoint_every_s=0)
+
+    def student(seed):
+        model, tokenizer = load_pretrained(model_dir)
+        torch.manual_seed(seed)
+        return lora.add_lora(model, r=4, alpha=8, dropout=0.3, verbose=False), tokenizer
+
+    def weights(model):
+        return {f"{n}.{p}": getattr(m, p).weight.detach().clone() for n, m in lora.lora_modules(model)
+                for p in ("lora_A", "lora_B")}
+
+    model, tokenizer = student(0)
+    reference = train.train(model, tokenizer, pairs, **kwargs)
+    expected = weights(model)
+
+    real_lr_at = train.lr_at
+    train.lr_at = lambda step, *a: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else real_lr_at(step, *a)
+    try:
+        train.train(student(0)[0], tokenizer, pairs, checkpoint_path=checkpoint, **kwargs)
+    except KeyboardInterrupt:
+        pass
+    train.lr_at = real_lr_at
+    model = student(99)[0]  # another init on purpose: the checkpoint must overwrite it on every rank
+    resumed = train.train(model, tokenizer, pairs, checkpoint_path=checkpoint, **kwargs)
+    got = weights(model)
+    if rank == 0:
+        torch.save({"resumed_at": resumed["resumed_at_step"], "same_losses": resumed["loss_history"] ==
+                    reference["loss_history"], "same_weights": all(torch.equal(got[k], expected[k]) for k in got),
+                    "steps": reference["steps"]}, result)
+    dist.shutdown()
+
+
+def test_two_rank_training_resumes_from_a_kill_exactly(tiny_llama_dir, tmp_path):
+    pairs = [(f"Review: {t}", label) for t, label in [(t, "positive") for t in POSITIVE[:5]] +
+             [(t, "negative") for t in NEGATIVE[:5]]]
+    result = tmp_path / "result.pt"
+    torch.multiprocessing.spawn(_train_worker, args=(free_port(), str(tiny_llama_dir), pairs,
+                                                     str(tmp_path / "train_state.pt"), str(result)), nprocs=2)
+    outcome = torch.load(result)
+    assert outcome["steps"] == 9 and outcome["resumed_at"] == 4
+    assert outcome["same_losses"] and outcome["same_weights"]
+
+
+# -----------------------------------------------------------------------------
 # The pieces, without processes
 
 def test_shares_cover_every_row_once_and_interleave_back_in_order(monkeypatch):
