@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dist
-from generate import DEFAULT_STUDENT, ModelLoadError, generate, load_model, resolve_device
+from generate import DEFAULT_STUDENT, ModelLoadError, generate, is_sharded, load_model, resolve_device
 from lora import LoRAError, add_lora, load_adapter, lora_modules, remove_lora, save_adapter
 from report import ReportError, render_table, write_report
 from serve import main as serve_main, make_server, start_background
@@ -191,6 +191,7 @@ def evaluate(model, tokenizer, task, rows, path, cfg, desc):
         return done if dist.is_main() else None
     chunk = cfg.eval_batch_size * 4 * dist.world_size()
     model.eval()  # no LoRA dropout at evaluation, whatever state training or loading left behind
+    sharded = is_sharded(model)  # --fsdp: every forward gathers each layer, so all ranks decode the same rows
     bar = tqdm(total=len(rows), initial=len(done), desc=desc, unit="ex", leave=False, disable=not dist.is_main())
     for start in range(len(done) // chunk * chunk, len(rows), chunk):
         if start < len(done):  # an unfinished chunk is redone whole
@@ -198,12 +199,12 @@ def evaluate(model, tokenizer, task, rows, path, cfg, desc):
             if dist.is_main():
                 write_jsonl(partial, done)
         batch = rows[start:start + chunk]
-        mine = batch if cfg.fsdp else dist.my_share(batch)  # under FSDP all ranks decode the same rows in lockstep
+        mine = batch if sharded else dist.my_share(batch)
         prompts = [render_prompt(tokenizer, task.prompt(row)) for row in mine]
         texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
         predictions = [{"id": row["id"], "prediction": text, "answer": task.extract(text), "gold": task.gold(row),
                         "correct": bool(task.is_correct(text, row))} for row, text in zip(mine, texts)]
-        if not cfg.fsdp:
+        if not sharded:
             shares = dist.gather_to_rank0(predictions)
             predictions = dist.interleave(shares) if dist.is_main() else None
         if dist.is_main():
