@@ -32,17 +32,18 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def load_model(name, device=None, precision=None, role="model"):
-    """A causal LM and its tokenizer in eval mode, in the precision the device wants. Used for the student, the
-    embedded teacher and `llm2llm.py serve`."""
+def load_model(name, device=None, precision=None, role="model", dtype=None):
+    """A causal LM and its tokenizer in eval mode, in the precision the device wants (or `dtype`). Used for the
+    student, the embedded teacher and `llm2llm.py serve`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = device or resolve_device("auto")
     looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
     if looks_local and not os.path.isdir(name):
         raise ModelLoadError(f"could not load {role} {name}: no such folder. Give a local model folder (config.json, weights, tokenizer) "
                        f"or a Hugging Face model id such as {DEFAULT_STUDENT}")
-    dtype = torch.float32 if device.type == "cpu" or precision == "fp32" else (
-        torch.float16 if precision == "fp16" else torch.bfloat16)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" or precision == "fp32" else (
+            torch.float16 if precision == "fp16" else torch.bfloat16)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
@@ -123,7 +124,16 @@ def _llama_forward(model, input_ids, position_ids, cache, rows, slot, key_mask):
 def _uses_fast_path(model):
     config = model.config
     return (config.model_type in FAST_MODEL_TYPES and hasattr(model, "model") and hasattr(model.model, "rotary_emb")
-            and not getattr(config, "use_sliding_window", False))
+            and not getattr(config, "use_sliding_window", False) and not is_sharded(model))
+
+
+def is_sharded(model):
+    """True when FSDP (llm2llm.py --fsdp) shards the model's layers: their weights exist whole only inside each
+    layer's own forward call, which the fast path bypasses, so such a model decodes through its own forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _eos_ids(model, tokenizer):

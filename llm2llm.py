@@ -14,12 +14,15 @@ Usage:
     python llm2llm.py serve --model PATH_OR_ID [--port 8000]      # OpenAI-compatible teacher server
     python llm2llm.py report runs/gsm8k-...                       # table, report.md, report.svg
     python llm2llm.py compare --task sst2 --seeds 0,1,2 --out runs/cmp   # baselines over seeds (compare.py)
+    torchrun --nproc-per-node 8 llm2llm.py --task gsm8k ...       # the same loop, data-parallel on 8 GPUs
 
 This file holds the configuration (one dataclass = the command-line flags), the run directory with its resume
 logic, and the loop. Loading and decoding are in generate.py, training in train.py, adapters in lora.py, tasks and
-teacher prompts in tasks.py and prompts/, the teacher client in teacher.py, the embedded server in serve.py.
+teacher prompts in tasks.py and prompts/, the teacher client in teacher.py, the embedded server in serve.py, the
+few torch.distributed calls of a torchrun launch in dist.py.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,8 +37,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from generate import DEFAULT_STUDENT, ModelLoadError, generate, load_model, resolve_device
-from lora import LoRAError, add_lora, load_adapter, remove_lora, save_adapter
+import dist
+from generate import DEFAULT_STUDENT, ModelLoadError, generate, is_sharded, load_model, resolve_device
+from lora import LoRAError, add_lora, load_adapter, lora_modules, remove_lora, save_adapter
 from report import ReportError, render_table, write_report
 from serve import main as serve_main, make_server, start_background
 from tasks import PROMPTS_DIR, TaskError, filter_generated, get_task, sample_seed
@@ -113,12 +117,17 @@ class Config:
     teacher_cache: Optional[str] = field(default=None, metadata={"help": "folder of cached teacher replies "
                                                                  "(default <out>/teacher_cache); runs may share one"})
     force: bool = field(default=False, metadata={"help": "start over in an --out that holds a different run"})
+    dist_timeout: float = field(default=1800.0, metadata={
+        "help": "under torchrun: seconds a process waits for the others before it stops with an error (a dead or "
+                "hung process); rank 0's teacher work keeps the others waiting as long as rank 0 is alive"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the frozen base model across the "
+                                                "processes (FSDP2), for a student too large for one GPU"})
 
 
 # fields that do not change what a run computes, so a resumed run may differ in them. --device and --precision are
 # checked through the precision they resolve to (recorded as precision_used), --teacher-url with a warning.
 RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_timeout", "teacher_key_env", "teacher_url", "device",
-                  "precision", "teacher_cache"}
+                  "precision", "teacher_cache", "dist_timeout", "fsdp"}
 AUGMENT_CHOICES = ("wrong", "all", "random")
 
 
@@ -182,30 +191,47 @@ def append_jsonl(path, rows):
 
 # -----------------------------------------------------------------------------
 # Evaluation: greedy answers on a list of rows, saved chunk by chunk so a kill repeats at most one chunk. Chunks
-# are fixed slices of the row list, so a resumed evaluation batches exactly as an uninterrupted one.
+# are fixed slices of the row list, so a resumed evaluation batches exactly as an uninterrupted one. Under torchrun
+# each rank decodes its share of every chunk and rank 0 gathers the predictions in input order and writes them.
 
 def evaluate(model, tokenizer, task, rows, path, cfg, desc):
-    if os.path.exists(path):
-        return read_jsonl(path)
+    """The predictions on rank 0 (None on the other ranks)."""
+    def progress():  # rank 0: what a previous attempt finished
+        if os.path.exists(path):
+            return read_jsonl(path), True
+        done = read_jsonl(partial) if os.path.exists(partial) else []
+        write_jsonl(partial, done)  # drop a line a kill may have cut short
+        return done, False
+
     partial = path + ".partial"
-    done = read_jsonl(partial) if os.path.exists(partial) else []
-    write_jsonl(partial, done)  # drop a line a kill may have cut short
-    chunk = cfg.eval_batch_size * 4
+    done, finished = dist.from_rank0(progress)
+    if finished:
+        return done if dist.is_main() else None
+    chunk = cfg.eval_batch_size * 4 * dist.world_size()
     model.eval()  # no LoRA dropout at evaluation, whatever state training or loading left behind
-    bar = tqdm(total=len(rows), initial=len(done), desc=desc, unit="ex", leave=False)
+    sharded = is_sharded(model)  # --fsdp: every forward gathers each layer, so all ranks decode the same rows
+    bar = tqdm(total=len(rows), initial=len(done), desc=desc, unit="ex", leave=False, disable=not dist.is_main())
     for start in range(len(done) // chunk * chunk, len(rows), chunk):
         if start < len(done):  # an unfinished chunk is redone whole
             done = done[:start]
-            write_jsonl(partial, done)
+            if dist.is_main():
+                write_jsonl(partial, done)
         batch = rows[start:start + chunk]
-        prompts = [render_prompt(tokenizer, task.prompt(row)) for row in batch]
+        mine = batch if sharded else dist.my_share(batch)
+        prompts = [render_prompt(tokenizer, task.prompt(row)) for row in mine]
         texts = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
         predictions = [{"id": row["id"], "prediction": text, "answer": task.extract(text), "gold": task.gold(row),
-                        "correct": bool(task.is_correct(text, row))} for row, text in zip(batch, texts)]
-        append_jsonl(partial, predictions)
-        done += predictions
+                        "correct": bool(task.is_correct(text, row))} for row, text in zip(mine, texts)]
+        if not sharded:
+            shares = dist.gather_to_rank0(predictions)
+            predictions = dist.interleave(shares) if dist.is_main() else None
+        if dist.is_main():
+            append_jsonl(partial, predictions)
+            done += predictions
         bar.update(len(batch))
     bar.close()
+    if not dist.is_main():
+        return None
     os.replace(partial, path)
     return done
 
@@ -401,59 +427,82 @@ class LazyTeacher:
 
 
 # -----------------------------------------------------------------------------
-# The LLM2LLM loop
+# The LLM2LLM loop. Under torchrun every rank runs it; rank 0 alone reads the data, owns the run directory and the
+# teacher, and hands the other ranks what they need through dist.from_rank0 (a no-op call in one process).
 
 def run(cfg):
-    task = get_task(cfg.task, test_file=cfg.test_file, answer_type=cfg.answer_type)
-    if cfg.seed_size is None and cfg.seed_frac is None:
-        cfg.seed_frac = 0.01
-    cfg.out = cfg.out or os.path.join("runs", f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for name in ("iterations", "aug_per_wrong", "epochs", "teacher_max_asks", "eval_batch_size", "batch_size"):
-        if getattr(cfg, name) < (0 if name == "iterations" else 1):
-            raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.train_steps is not None and cfg.train_steps < 1:
-        raise RunError(f"--train-steps must be positive, got {cfg.train_steps}")
-    if cfg.augment not in AUGMENT_CHOICES:
-        raise RunError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {cfg.augment!r}")
-    device = resolve_device(cfg.device)
-    recorded = {"precision_used": resolve_precision(cfg, device), "prompt_sha256": prompt_hashes(task)}
-    cfg.teacher_url = cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
-    check_teacher(cfg)
-    train_rows = task.load("train", cfg.data_dir)
-    test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
-    if not train_rows:
-        raise RunError(f"the {task.name} train split is empty")
-    prepare_run_dir(cfg, recorded)
-    print("config:", json.dumps(asdict(cfg)))
-    print(f"device {device}, precision {recorded['precision_used']}")
+    device = dist.init(resolve_device(cfg.device), cfg.dist_timeout)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if dist.is_main() else devnull):
+            return _run(cfg, device)  # only rank 0 prints; errors (stderr) show from every rank
+    finally:
+        dist.shutdown()
 
-    seed_path = os.path.join(cfg.out, "seed.jsonl")
-    if not os.path.exists(seed_path):
-        write_jsonl(seed_path, sample_seed(task, train_rows, size=cfg.seed_size, frac=cfg.seed_frac, seed=cfg.seed))
-    seed_rows = read_jsonl(seed_path)
-    print(f"{task.name}: {len(seed_rows)} seed examples of {len(train_rows)} train rows, {len(test_rows)} test rows, "
-          f"{cfg.iterations} iterations, {cfg.aug_per_wrong} new example(s) per wrong seed")
 
-    metrics = load_metrics(cfg.out)
-    model, tokenizer = load_model(cfg.student, device, cfg.precision, "student")
+def _run(cfg, device):
+    def setup():  # rank 0
+        task = get_task(cfg.task, test_file=cfg.test_file, answer_type=cfg.answer_type)
+        if cfg.seed_size is None and cfg.seed_frac is None:
+            cfg.seed_frac = 0.01
+        cfg.out = cfg.out or os.path.join("runs", f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        for name in ("iterations", "aug_per_wrong", "epochs", "teacher_max_asks", "eval_batch_size", "batch_size"):
+            if getattr(cfg, name) < (0 if name == "iterations" else 1):
+                raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+        if cfg.train_steps is not None and cfg.train_steps < 1:
+            raise RunError(f"--train-steps must be positive, got {cfg.train_steps}")
+        if cfg.augment not in AUGMENT_CHOICES:
+            raise RunError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {cfg.augment!r}")
+        recorded = {"precision_used": resolve_precision(cfg, device), "prompt_sha256": prompt_hashes(task)}
+        cfg.teacher_url = cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
+        check_teacher(cfg)
+        train_rows = task.load("train", cfg.data_dir)
+        test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
+        if not train_rows:
+            raise RunError(f"the {task.name} train split is empty")
+        prepare_run_dir(cfg, recorded)
+        print("config:", json.dumps(asdict(cfg)))
+        print(f"device {device}, precision {recorded['precision_used']}")
+        if dist.active():
+            print(f"distributed: {dist.describe()}" + (", base model sharded (FSDP2)" if cfg.fsdp else ""))
+        elif cfg.fsdp:
+            print("--fsdp: one process, nothing to shard (launch with torchrun to shard the model)")
+
+        seed_path = os.path.join(cfg.out, "seed.jsonl")
+        if not os.path.exists(seed_path):
+            write_jsonl(seed_path, sample_seed(task, train_rows, size=cfg.seed_size, frac=cfg.seed_frac,
+                                               seed=cfg.seed))
+        seed_rows = read_jsonl(seed_path)
+        print(f"{task.name}: {len(seed_rows)} seed examples of {len(train_rows)} train rows, {len(test_rows)} test "
+              f"rows, {cfg.iterations} iterations, {cfg.aug_per_wrong} new example(s) per wrong seed")
+        return task, cfg.out, cfg.seed_frac, cfg.teacher_url, seed_rows, test_rows, load_metrics(cfg.out)
+
+    task, cfg.out, cfg.seed_frac, cfg.teacher_url, seed_rows, test_rows, metrics = dist.from_rank0(setup)
+    model, tokenizer = load_student(cfg, device)
     # the token budget counts what finished iterations used, so a resumed run stops where an uninterrupted one does
     teacher = LazyTeacher(cfg, device, budget_spent=sum(m.get("teacher_prompt_tokens", 0) +
                                                         m.get("teacher_completion_tokens", 0)
-                                                        for m in metrics.values()))
-    data = seed_rows
+                                                        for m in metrics.values())) if dist.is_main() else None
+    data = seed_rows  # on rank 0; the other ranks receive each iteration's rows
+
+
     try:
         for i in range(cfg.iterations + 1):
             step_dir = os.path.join(cfg.out, f"iter_{i:02d}")
-            os.makedirs(step_dir, exist_ok=True)
-            train_path = os.path.join(step_dir, "train.jsonl")
-            if not os.path.exists(train_path):
-                write_jsonl(train_path, data)
-            data = read_jsonl(train_path)
+
+            def training_rows():  # rank 0
+                os.makedirs(step_dir, exist_ok=True)
+                train_path = os.path.join(step_dir, "train.jsonl")
+                if not os.path.exists(train_path):
+                    write_jsonl(train_path, data)
+                return read_jsonl(train_path)
+
+            data = dist.from_rank0(training_rows)
             if i not in metrics:  # a finished iteration (it has its metrics row) is not run again
                 row = run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir)
-                append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
                 metrics[i] = row
-                print(render_table(list(metrics.values())))
+                if dist.is_main():
+                    append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
+                    print(render_table(list(metrics.values())))
             row = metrics[i]
             if row["n_wrong"] == 0:
                 print(f"no seed example is wrong after iteration {i}: stopping early")
@@ -465,11 +514,14 @@ def run(cfg):
                 # the examples already paid for are trained on: one more fine-tune and evaluation, then stop
                 print(f"{row['stopped']}: one more fine-tune, on the {row['n_augmented']} new examples already "
                       f"written, then stop")
-            data = data + read_jsonl(os.path.join(step_dir, "augmented.jsonl"))
+            if dist.is_main():
+                data = data + read_jsonl(os.path.join(step_dir, "augmented.jsonl"))
     finally:
-        teacher.close()
-    write_report(cfg.out)
-    print(f"report: {os.path.join(cfg.out, 'report.md')} and report.svg")
+        if teacher is not None:
+            teacher.close()
+    if dist.is_main():
+        write_report(cfg.out)
+        print(f"report: {os.path.join(cfg.out, 'report.md')} and report.svg")
     return cfg.out
 
 
@@ -484,31 +536,76 @@ def warn_if_undertrained(i, n_right, n_seed, stats, cfg):
               f"Raise --min-steps (now {cfg.min_steps}), --epochs (now {cfg.epochs}) or --lr (now {cfg.lr:g}).")
 
 
+def load_student(cfg, device):
+    """The student on this rank's device. With --fsdp each decoder layer's frozen weights are sharded over the ranks
+    (FSDP2); embeddings, final norm and lm_head stay whole on every rank, so the training loss may call lm_head
+    directly. Adapters added later stay whole too: FSDP manages only the parameters it was given."""
+    if not (cfg.fsdp and dist.active()):
+        return load_model(cfg.student, device, cfg.precision, "student")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # every rank first loads the whole model into CPU memory, in the precision it computes in (bf16 on CUDA)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision or default_precision(device))
+    model, tokenizer = load_model(cfg.student, torch.device("cpu"), cfg.precision, "student", dtype=low)
+    body = getattr(model, "model", None)
+    if not isinstance(getattr(body, "layers", None), torch.nn.ModuleList):
+        raise RunError(f"--fsdp shards Llama-family students (model.model.layers); {cfg.student} is a "
+                       f"{model.config.model_type} model: run it without --fsdp")
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
+    for layer in body.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=low))  # moves shards to device
+    for name, child in body.named_children():
+        if name != "layers":
+            child.to(device)
+    model.lm_head.to(device)
+    return model, tokenizer
+
+
+def attach_adapter(model, adapter_dir, cfg):
+    """load_adapter on rank 0; the other ranks add an adapter of the same shape and receive its weights, so they
+    never read the run directory."""
+    if not dist.active():
+        return load_adapter(model, adapter_dir)
+    if not lora_modules(model):
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, verbose=False)
+    dist.from_rank0(lambda: load_adapter(model, adapter_dir) and None)
+    dist.broadcast_tensors([p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)])
+
+
 def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir):
     # 1. fine-tune: a fresh adapter on the frozen base ("from scratch"), or the previous one with --continue-training
     adapter_dir, stats_path = os.path.join(step_dir, "adapter"), os.path.join(step_dir, "train_stats.json")
     checkpoint_path = os.path.join(step_dir, "train_state.pt")
     previous = os.path.join(os.path.dirname(step_dir), f"iter_{i - 1:02d}", "adapter")
     remove_lora(model)
-    if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")) and os.path.exists(stats_path):
-        load_adapter(model, adapter_dir)
-        with open(stats_path) as f:
-            stats = json.load(f)
+
+    def saved_stats():  # rank 0: the statistics of a training that finished before
+        if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")) and os.path.exists(stats_path):
+            with open(stats_path) as f:
+                return json.load(f)
+
+    stats = dist.from_rank0(saved_stats)
+    if stats is not None:
+        attach_adapter(model, adapter_dir, cfg)
     else:
         torch.manual_seed(cfg.seed)
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         if cfg.continue_training and i > 0:
-            load_adapter(model, previous)
+            attach_adapter(model, previous, cfg)
         print(f"iteration {i}: training on {len(data)} examples")
         stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
                       max_steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
                       micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=cfg.seed + i,
                       max_seq_len=cfg.max_seq_len, checkpoint_path=checkpoint_path)
-        save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
         stats = {k: stats[k] for k in ("steps", "epochs", "train_tokens", "train_seconds", "final_loss")}
-        write_json(stats_path, stats)
-        if os.path.exists(checkpoint_path):
-            os.remove(checkpoint_path)
+
+        def save():  # rank 0: every rank holds the same adapter
+            save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
+            write_json(stats_path, stats)
+            if os.path.exists(checkpoint_path):
+                os.remove(checkpoint_path)
+
+        dist.from_rank0(save)
 
     # 2. evaluate on the seed set (to find what to augment) and on the test set
     t0 = time.time()
@@ -517,43 +614,49 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
     test_preds = evaluate(model, tokenizer, task, test_rows, os.path.join(step_dir, "test_predictions.jsonl"), cfg,
                           f"iter {i} test eval") if test_rows else []
     eval_seconds = time.time() - t0
-    by_id = {p["id"]: p for p in seed_preds}
-    wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
-    warn_if_undertrained(i, len(seed_rows) - len(wrong), len(seed_rows), stats, cfg)
 
     # 3. the teacher writes new examples from the wrong seed examples, or with --augment from all or a random draw
-    # of as many (none after the last iteration, and none once no seed is wrong: the loop stops there)
-    accepted, rejected, unsatisfied, stopped, parents = [], [], [], None, []
-    t0 = time.time()
-    aug_path, rejected_path = os.path.join(step_dir, "augmented.jsonl"), os.path.join(step_dir, "rejected.jsonl")
-    usage = Counter()
-    if i < cfg.iterations and wrong:
-        client = teacher.client
-        if not client.budget_exhausted:
-            requests_before = client.requests
-            parents = choose_parents(cfg, seed_rows, wrong, i)
-            accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i, cfg)
-            print(f"teacher: {len(accepted)} new examples from {len(parents)} seeds ({len(wrong)} wrong, --augment "
-                  f"{cfg.augment}), {len(rejected)} rejected, {client.requests - requests_before} HTTP requests for "
-                  f"{usage['replies']} replies (the rest from the cache)")
-            if unsatisfied:
-                print(f"{len(unsatisfied)} seed example(s) got no acceptable new example after "
-                      f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
-        if client.budget_exhausted:
-            stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
-    write_jsonl(rejected_path, rejected)
-    write_jsonl(aug_path, accepted)
-    teacher_seconds = time.time() - t0
-    return {"iteration": i, "train_size": len(data), "n_seed": len(seed_rows), "n_wrong": len(wrong),
-            "n_parents": len(parents), "n_augmented": len(accepted), "n_rejected": len(rejected),
-            "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)), "unsatisfied": unsatisfied,
-            "seed_acc": 1 - len(wrong) / len(seed_rows),
-            "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
-            "teacher_prompt_tokens": usage["prompt"], "teacher_completion_tokens": usage["completion"],
-            "teacher_requests": usage["replies"],
-            "train_tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"],
-            "final_loss": stats["final_loss"], "eval_seconds": eval_seconds,
-            "teacher_seconds": teacher_seconds, "stopped": stopped}
+    # of as many (none after the last iteration, and none once no seed is wrong: the loop stops there). Rank 0
+    # alone; the metrics row it returns reaches every rank, so all of them agree on whether the loop goes on
+    def ask_teacher():
+        by_id = {p["id"]: p for p in seed_preds}
+        wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
+        warn_if_undertrained(i, len(seed_rows) - len(wrong), len(seed_rows), stats, cfg)
+        accepted, rejected, unsatisfied, stopped, parents = [], [], [], None, []
+        t0 = time.time()
+        aug_path, rejected_path = (os.path.join(step_dir, "augmented.jsonl"),
+                                   os.path.join(step_dir, "rejected.jsonl"))
+        usage = Counter()
+        if i < cfg.iterations and wrong:
+            client = teacher.client
+            if not client.budget_exhausted:
+                requests_before = client.requests
+                parents = choose_parents(cfg, seed_rows, wrong, i)
+                accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i,
+                                                                 cfg)
+                print(f"teacher: {len(accepted)} new examples from {len(parents)} seeds ({len(wrong)} wrong, "
+                      f"--augment {cfg.augment}), {len(rejected)} rejected, {client.requests - requests_before} "
+                      f"HTTP requests for {usage['replies']} replies (the rest from the cache)")
+                if unsatisfied:
+                    print(f"{len(unsatisfied)} seed example(s) got no acceptable new example after "
+                          f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
+            if client.budget_exhausted:
+                stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
+        write_jsonl(rejected_path, rejected)
+        write_jsonl(aug_path, accepted)
+        teacher_seconds = time.time() - t0
+        return {"iteration": i, "train_size": len(data), "n_seed": len(seed_rows), "n_wrong": len(wrong),
+                "n_parents": len(parents), "n_augmented": len(accepted), "n_rejected": len(rejected),
+                "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)), "unsatisfied": unsatisfied,
+                "seed_acc": 1 - len(wrong) / len(seed_rows),
+                "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
+                "teacher_prompt_tokens": usage["prompt"], "teacher_completion_tokens": usage["completion"],
+                "teacher_requests": usage["replies"],
+                "train_tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"],
+                "final_loss": stats["final_loss"], "eval_seconds": eval_seconds,
+                "teacher_seconds": teacher_seconds, "stopped": stopped}
+
+    return dist.from_rank0(ask_teacher)
 
 
 # -----------------------------------------------------------------------------
@@ -577,7 +680,9 @@ def main(argv=None):
         cfg = parse_args(argv)
         run(cfg)
         return 0
-    except (RunError, ModelLoadError, TaskError, LoRAError, TrainingError, ReportError) as e:
+    except dist.Rank0Failed:
+        return 2  # rank 0 reports the error
+    except (RunError, ModelLoadError, TaskError, LoRAError, TrainingError, ReportError, dist.RankLost) as e:
         print(f"error: {e}{resume_hint(cfg, argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,10 @@ What one call of `train` does:
   - runs AdamW on the LoRA parameters only, linear warmup then cosine decay, gradient clipping;
   - precision: bf16 autocast on CUDA by default, fp16 autocast + GradScaler as an option, plain fp32 on CPU;
   - stops with a clear error on a NaN/inf loss, and, given a checkpoint path, saves adapter + optimizer + RNG state
-    now and then so a killed run resumes bit-for-bit where it stopped.
+    now and then so a killed run resumes bit-for-bit where it stopped;
+  - under torchrun (see dist.py) it is data-parallel: every rank holds the whole plan, takes its share of each
+    step's rows, and the LoRA gradients are summed over ranks before clipping and the AdamW step, so every rank
+    applies the same update. Rank 0 alone writes the checkpoint.
 
 Usage (llm2llm.py is the real caller):
     from lora import add_lora
@@ -30,6 +33,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+import dist
+from generate import is_sharded
 from lora import lora_modules
 
 
@@ -162,17 +167,29 @@ def default_precision(device):
 # -----------------------------------------------------------------------------
 # Resumable state: small (adapters + AdamW moments), written atomically
 
+def _rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
 def _save_checkpoint(path, plan, step, params, optimizer, scaler, tokens, loss_history):
+    # every rank's RNG state (its dropout masks), gathered on rank 0; rank 0's also under the one-process keys
+    rank_rngs = dist.gather_to_rank0(_rng_state())
+    if not dist.is_main():
+        return
     state = {"plan": plan, "step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "tokens": tokens,
-             "loss_history": loss_history, "cpu_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "loss_history": loss_history, "cpu_rng": rank_rngs[0][0], "cuda_rng": rank_rngs[0][1],
+             "rank_rngs": rank_rngs if len(rank_rngs) > 1 else None}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def _load_checkpoint(path, plan, params, optimizer, scaler):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Rank 0 reads the checkpoint, every rank restores it. None if there is none."""
+    state = dist.from_rank0(lambda: torch.load(path, map_location="cpu", weights_only=False)
+                            if path and os.path.exists(path) else None)
+    if state is None:
+        return None
     if state.get("plan") != plan:
         raise TrainingError(f"{path} is a checkpoint of different training data or settings; delete it to start "
                             f"this training from the beginning")
@@ -182,10 +199,40 @@ def _load_checkpoint(path, plan, params, optimizer, scaler):
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # each rank its own RNG state; resumed on another number of ranks, the ranks beyond 0 keep their seeded RNG
+    rngs = state.get("rank_rngs") or [(state["cpu_rng"], state["cuda_rng"])]
+    mine = rngs[dist.rank()] if len(rngs) == dist.world_size() else rngs[0] if dist.is_main() else None
+    if mine is not None:
+        torch.set_rng_state(mine[0])
+        if mine[1] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine[1])
     return state["step"], state["tokens"], state["loss_history"]
+
+
+# -----------------------------------------------------------------------------
+# Data parallel: one all-reduce per optimizer step of every LoRA gradient and the step loss, flattened into one
+# buffer. A rank whose share of a short last step is empty contributes zeros. The sum runs before unscaling and
+# clipping, so every rank clips and steps on the same full-step gradient (fp16 overflow on one rank shows on all).
+
+def _sum_over_ranks(params, step_loss):
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [step_loss.reshape(1).to(grads[0].dtype)])
+    dist.all_reduce_sum(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    step_loss.copy_(flat[-1])
+
+
+def _lockstep(step_rows, my_rows, micro_batches, lengths, micro_batch_tokens):
+    """Under FSDP: pad this rank's micro-batches with zero-weight copies of one row of the step up to the most any
+    rank has, so that all ranks make the same sequence of forward and backward calls."""
+    ordered = sorted(step_rows, key=lambda i: lengths[i])
+    most = max(len(split_micro_batches(ordered[r::dist.world_size()], lengths, micro_batch_tokens))
+               for r in range(dist.world_size()))
+    padding = most - len(micro_batches)
+    return micro_batches + [[(my_rows or ordered)[0]]] * padding, [1.0] * len(micro_batches) + [0.0] * padding
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +256,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     precision = precision or default_precision(device)
     if precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {precision!r}: choose fp32, bf16 or fp16")
-    torch.manual_seed(seed)  # dropout masks; restored from the checkpoint on resume
+    torch.manual_seed(seed + 1_000_003 * dist.rank())  # dropout masks, one stream per rank; restored on resume
 
     examples = [encode_pair(tokenizer, prompt, response, max_seq_len) for prompt, response in pairs]
     n_truncated = sum(len(ids) == max_seq_len for ids, _ in examples)  # at the limit: cut, or exactly that long
@@ -234,14 +281,17 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     # what a checkpoint must match to be resumed: the data (as token lengths), the step plan and the optimizer
     plan = hashlib.sha256(json.dumps([lengths, [sum(ids) for ids, _ in examples], steps, lr, weight_decay,
                                       grad_clip, warmup, precision]).encode()).hexdigest()
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        start_step, tokens_seen, loss_history = _load_checkpoint(checkpoint_path, plan, params, optimizer, scaler)
+    resumed = _load_checkpoint(checkpoint_path, plan, params, optimizer, scaler)
+    if resumed is not None:
+        start_step, tokens_seen, loss_history = resumed
+    progress = progress and dist.is_main()
     if progress:
         print(f"training on {len(pairs)} examples ({sum(lengths):,} tokens, {n_truncated} truncated to "
               f"{max_seq_len}): {len(steps)} steps of {batch_size} rows (~{sum(lengths) * epochs // len(steps):,} "
               f"tokens/step, {epochs} epochs), micro-batches of <= {micro_batch_tokens} tokens, {precision}, peak lr {lr:g}"
               + (f", resuming at step {start_step}" if start_step else ""))
 
+    sharded = is_sharded(model)
     model.train()
     bar = tqdm(total=len(steps), initial=start_step, desc="train", disable=not progress, leave=False)
     t0, last_save = time.time(), time.time()
@@ -250,16 +300,24 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
         lr_now = lr_at(step, len(steps), lr, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        micro_batches = split_micro_batches(steps[step], lengths, micro_batch_tokens)
+        # this rank's share of the step; the loss is still divided by the response tokens of the WHOLE step (every
+        # rank holds the plan, so the count needs no communication) and the gradients are summed over ranks
+        my_rows = dist.my_share(sorted(steps[step], key=lambda i: lengths[i]))
+        micro_batches = split_micro_batches(my_rows, lengths, micro_batch_tokens)
         n_targets = sum(lengths[i] - examples[i][1] for i in steps[step])
+        weights = [1.0] * len(micro_batches)
+        if sharded:  # every forward is a collective (FSDP gathers each layer): all ranks run as many micro-batches
+            micro_batches, weights = _lockstep(steps[step], my_rows, micro_batches, lengths, micro_batch_tokens)
         step_loss = torch.zeros((), device=device)
-        for rows in micro_batches:
+        for rows, weight in zip(micro_batches, weights):
             input_ids, target_mask = collate([examples[i] for i in rows], pad_id, device)
             with autocast_context(device, precision):
-                loss = response_loss_sum(model, input_ids, target_mask) / n_targets
+                loss = response_loss_sum(model, input_ids, target_mask) / n_targets * weight  # x * 1.0 is exact
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
-            tokens_seen += sum(lengths[i] for i in rows)
+        tokens_seen += sum(lengths[i] for i in steps[step])
+        if dist.world_size() > 1:
+            _sum_over_ranks(params, step_loss)
         step_loss = step_loss.item()
         if not math.isfinite(step_loss):
             raise TrainingError(f"loss became {step_loss} at step {step + 1}/{len(steps)} (lr {lr_now:.3g}): "
@@ -277,7 +335,9 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
         elapsed = time.time() - t0
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{(tokens_seen - tokens_at_start) / max(elapsed, 1e-9):.0f}")
         bar.update(1)
-        if checkpoint_path and time.time() - last_save >= checkpoint_every_s and step + 1 < len(steps):
+        # rank 0's clock decides, so all ranks take part in gathering the RNG states at the same step
+        save_now = time.time() - last_save >= checkpoint_every_s and step + 1 < len(steps)
+        if checkpoint_path and (dist.broadcast_object(save_now) if dist.world_size() > 1 else save_now):
             _save_checkpoint(checkpoint_path, plan, step + 1, params, optimizer, scaler, tokens_seen, loss_history)
             last_save = time.time()
     bar.close()
