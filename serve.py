@@ -17,8 +17,14 @@ GET /v1/models. No streaming, tools or logprobs.
 
 Why it batches: on a small model the cost of decoding is dominated by per-step overhead, so eight concurrent
 requests decoded together cost little more than one. Handler threads only parse and validate; they put jobs on a
-queue, and ONE worker thread owns the model, takes everything pending, groups rows that share sampling settings
-and runs generate_fn once per group. The model is never touched by two threads at once.
+queue, and ONE worker thread owns the model, so the model is never touched by two threads at once.
+
+For Llama-family models served with generate.generate (the CLI and the embedded teacher) the worker batches
+continuously: it keeps one generate.DecodeSession running, a request that arrives while others decode is prefilled
+into a free slot and joins at the next step, a finished row frees its slot at once, n > 1 is n rows, and rows with
+different temperature, top_p, max_tokens, stop and seed share the batch. Any other model or generate_fn is run per
+batch: the worker takes everything pending, groups rows that share sampling settings and calls generate_fn once per
+group.
 """
 
 import argparse
@@ -29,14 +35,17 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from generate import generate, load_model
+from generate import (DecodeSession, _uses_fast_path, batch_bucket, completion, generate, length_bucket,
+                      load_model)
 
 MAX_N = 128  # OpenAI's own limit on n
 MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 512
 COLLECT_SECONDS = 0.005  # after the first pending job, wait this long for its concurrent siblings
+SYNC_EVERY = 8  # decode steps between the continuous worker's looks at the device (finished rows, stop strings)
 
 # -----------------------------------------------------------------------------
 # Request validation. Everything a client sends is checked here, in the handler thread, so the worker only ever
@@ -172,6 +181,127 @@ def _run_batch(server, batch):
             i += job["n"]
             job["done"].set()
 
+
+# -----------------------------------------------------------------------------
+# The continuous worker: one DecodeSession that requests join and leave row by row.
+
+
+def _continuous_worker(server):
+    session, waiting = None, deque()  # waiting: rows (job, k) that have no slot yet
+    while True:
+        busy = session is not None and session.busy()
+        if not _take_jobs(server, waiting, block=not waiting and not busy):
+            break
+        try:
+            if waiting:
+                session = _fit_session(server, session, waiting)
+                _admit(server, session, waiting)
+            server.active_rows = 0 if session is None else session.batch - len(session.free_slots())
+            if not server.active_rows:
+                continue
+            sample = session.sampling()
+            for _ in range(session.sync_every):
+                session.step(sample)
+                # a request is waiting and a slot is free: stop early, so it joins at the next step
+                if not server.jobs.empty() and session.free_slots():
+                    break
+            for (job, k), token_ids, reason, n_prompt in session.collect():
+                _finish_row(job, k, completion(server.tokenizer, token_ids, reason, job["stop"], n_prompt))
+            server.active_rows = session.batch - len(session.free_slots())
+        except Exception as e:  # a bug or an out-of-memory costs the requests in flight a 500, never the server
+            message = f"generation failed: {type(e).__name__}: {e}"
+            for row in session.rows if session is not None else []:
+                if row is not None:
+                    _fail(row.tag[0], message)
+            for job, _ in waiting:  # e.g. no memory for a larger cache: asking again would fail the same way
+                _fail(job, message)
+            waiting.clear()
+            session = None  # its state may be half-written: start afresh
+            server.active_rows = 0
+    message = "the server is shutting down"
+    for job, _ in waiting:
+        _fail(job, message)
+    for row in session.rows if session is not None else []:
+        if row is not None:
+            _fail(row.tag[0], message)
+
+
+def _take_jobs(server, waiting, block):
+    """Move every queued job's rows onto `waiting` (waiting for the first one if block); False on shutdown."""
+    while True:
+        try:
+            job = server.jobs.get(block=block)
+        except queue.Empty:
+            return True
+        if job is None:
+            return False
+        block = False
+        try:
+            ids = server.tokenizer(job["prompt"], add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError("the rendered prompt has no tokens")
+        except Exception as e:
+            _fail(job, f"generation failed: {type(e).__name__}: {e}")
+            continue
+        job.update(ids=ids, outputs=[None] * job["n"], left=job["n"])
+        waiting.extend((job, k) for k in range(job["n"]))
+
+
+def _fit_session(server, session, waiting):
+    """A session with room for the waiting rows: more slots (up to max_batch) and a longer cache when needed."""
+    active = 0 if session is None else session.batch - len(session.free_slots())
+    batch = batch_bucket(min(active + len(waiting), server.max_batch), cap=server.max_batch)
+    longest = max(len(job["ids"]) + job["max_tokens"] for job, _ in list(waiting)[:batch])
+    limit = getattr(server.model.config, "max_position_embeddings", None)
+    length = length_bucket(longest, cap=limit)
+    if session is None:
+        return DecodeSession(server.model, server.tokenizer, batch, length, sync_every=SYNC_EVERY)
+    if batch > session.batch or length > session.length:
+        session.resize(max(batch, session.batch), max(length, session.length))
+    return session
+
+
+def _admit(server, session, waiting):
+    """Prefill as many waiting rows as there are free slots (oldest first)."""
+    take = []
+    while waiting and len(take) < len(session.free_slots()):
+        job, k = waiting.popleft()
+        if session.room(len(job["ids"])) < 1:
+            limit = session.length - 1
+            _fail(job, f"the prompt has {len(job['ids'])} tokens; this model takes at most {limit} with a reply",
+                  status=400)
+        elif not job["error"]:
+            take.append((job, k))
+    if not take:
+        return
+    items = [(job["ids"], dict(max_new_tokens=job["max_tokens"], temperature=job["temperature"], top_p=job["top_p"],
+                               seed=job["seed"] + k, stop=list(job["stop"]) or None), (job, k)) for job, k in take]
+    try:
+        session.add(items)
+    except Exception as e:  # e.g. out of memory in prefill: only these requests fail
+        for job in {id(job): job for job, _ in take}.values():
+            _fail(job, f"generation failed: {type(e).__name__}: {e}")
+        session.release([s for s, row in enumerate(session.rows) if row is not None and row.tag[0]["error"]])
+        waiting_left = [(job, k) for job, k in waiting if not job["error"]]
+        waiting.clear()
+        waiting.extend(waiting_left)
+
+
+def _finish_row(job, k, output):
+    if job["error"]:
+        return
+    job["outputs"][k] = output
+    job["left"] -= 1
+    if not job["left"]:
+        job["done"].set()
+
+
+def _fail(job, message, status=500):
+    if not job["done"].is_set():
+        job["error"] = job["error"] or message
+        job["status"] = status
+        job["done"].set()
+
 # -----------------------------------------------------------------------------
 # HTTP
 
@@ -246,7 +376,7 @@ class Handler(BaseHTTPRequestHandler):
                 job["error"] = "the model worker has stopped (server shutting down)"
                 break
         if job["error"]:
-            return self.send_error(500, job["error"])
+            return self.send_error(job.get("status", 500), job["error"])
         outs = job["outputs"]
         prompt_tokens = int(outs[0].get("prompt_tokens", 0))  # the prompt is read once however many samples
         completion_tokens = sum(int(o.get("completion_tokens", 0)) for o in outs)
@@ -284,12 +414,14 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(model, tokenizer, generate_fn, host="127.0.0.1", port=0, model_name=None, max_batch=16,
-                log=False):
+                log=False, continuous=None):
     """An OpenAI-compatible server for `model`, not yet serving; its URL is server.url. port=0 picks a free port.
 
     generate_fn(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed, stop, details=True)
     must return one dict {"text", "prompt_tokens", "completion_tokens", "finish_reason"} per prompt.
-    log=True prints one line per request to stderr (the CLI does; the embedded teacher stays quiet).
+    continuous: batch continuously in a DecodeSession (generate_fn is then not called). Default: when generate_fn
+    is generate.generate and the model is Llama-family. log=True prints one line per request to stderr (the CLI
+    does; the embedded teacher stays quiet).
     """
     server = _Server((host, port), Handler)
     server.model, server.tokenizer, server.generate_fn = model, tokenizer, generate_fn
@@ -297,9 +429,13 @@ def make_server(model, tokenizer, generate_fn, host="127.0.0.1", port=0, model_n
     server.max_batch, server.log = max_batch, log
     server.created = int(time.time())
     server.jobs = queue.Queue()
+    server.active_rows = 0  # rows decoding now (continuous worker)
+    if continuous is None:
+        continuous = generate_fn is generate and _uses_fast_path(model)
     real_host, real_port = server.server_address[:2]
     server.url = f"http://{host or real_host}:{real_port}/v1"
-    server.worker = threading.Thread(target=_worker, args=(server,), name="llm2llm-serve-model", daemon=True)
+    server.worker = threading.Thread(target=_continuous_worker if continuous else _worker, args=(server,),
+                                     name="llm2llm-serve-model", daemon=True)
     server.worker.start()
     return server
 

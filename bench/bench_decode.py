@@ -26,6 +26,9 @@ from train import render_prompt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True,
                          max_position_embeddings=32768),

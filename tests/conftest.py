@@ -49,7 +49,7 @@ def save_tiny(path, kind="llama", chat_template=True, seed=0):
     if kind == "llama":
         # a wide init keeps logits well apart, so float rounding never flips a greedy choice between two paths
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                              initializer_range=0.1, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
         model = LlamaForCausalLM(config)
