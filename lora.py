@@ -27,6 +27,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 # All attention and MLP projections of the common decoder families. Llama, Mistral, Qwen2/3, SmolLM, Gemma use
@@ -58,6 +59,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r <= 0:
             raise LoRAError(f"LoRA rank must be positive, got r={r}")
+        if not 0 <= dropout < 1:
+            raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base
         self.fan_in_fan_out = _is_conv1d(base)
         in_features, out_features = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
@@ -87,11 +90,26 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        h = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.lora_A.weight.dtype)  # a bf16 base without autocast still feeds fp32 adapters
-        # scale and add in one in-place kernel: the frozen layer's output is not needed for its backward pass
-        return out.add_(self.lora_B(self.lora_A(h)).to(out.dtype), alpha=self.scaling)
+        alpha = self.scaling
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):  # no dropout work at p=0 or in eval mode
+            p = self.lora_dropout.p
+            if x.device.type == "cuda":
+                x = F.dropout(x, p)  # one fused kernel
+            else:
+                # on CPU a bool mask and a where cost half of F.dropout's float mask and two multiplies; the
+                # 1/(1-p) of inverted dropout rides in the addmm's alpha instead
+                x = torch.where(torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p), x, 0.0)
+                alpha = self.scaling / (1 - p)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            # a bf16 base without autocast (evaluation of an unmerged adapter) still feeds fp32 adapters
+            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * alpha).to(out.dtype)
+        # out += alpha * (x A^T) B^T in one in-place addmm: B's matmul, the scaling and the add are one kernel, and
+        # no copy of out is made (the base's backward does not need its output). Under autocast A is cast once per
+        # autocast region (a cached cast of a trainable leaf) and B here, to the dtype of the base output.
+        down = F.linear(x, a).reshape(-1, self.r)
+        out.view(-1, out.shape[-1]).addmm_(down, b.t().to(out.dtype), alpha=alpha)
+        return out
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"

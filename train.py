@@ -101,10 +101,18 @@ def split_micro_batches(step_rows, lengths, token_budget):
     return micro + [current] if current else micro
 
 
-def collate(examples, pad_id, device):
+LENGTH_BUCKET = 64  # with --compile, padded widths are multiples of this, so a few shapes repeat
+
+
+def bucket(length, multiple=LENGTH_BUCKET):
+    return -(-length // multiple) * multiple
+
+
+def collate(examples, pad_id, device, width_multiple=1):
     """Right-padded input ids and a mask of the positions whose next token is a response token. Right padding
-    needs no attention mask: under causal attention a real token never sees the pads that follow it."""
-    width = max(len(ids) for ids, _ in examples)
+    needs no attention mask: under causal attention a real token never sees the pads that follow it, so padding
+    to a bucketed width (width_multiple) changes nothing but the shape."""
+    width = bucket(max(len(ids) for ids, _ in examples), width_multiple)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     target_mask = torch.zeros((len(examples), width - 1), dtype=torch.bool)
     for row, (ids, n_prompt) in enumerate(examples):
@@ -115,27 +123,117 @@ def collate(examples, pad_id, device):
 
 # -----------------------------------------------------------------------------
 # Loss: the lm_head runs only on positions that predict a response token. The vocabulary projection is the
-# largest single matmul of a small model, and prompt positions would be thrown away anyway. Its fp32 logits are the
-# largest tensor of a step (tokens x vocab: 8.6 GiB for 16k response tokens of a 152k vocabulary), so beyond
-# LOSS_CHUNK_TOKENS positions they are computed a chunk at a time under activation checkpointing: each chunk's
-# logits live only while its loss (and, in backward, its gradient) is computed. The sum is the same loss.
+# largest single matmul of a small model, and prompt positions would be thrown away anyway. It runs in chunks of
+# rows, each chunk's loss and gradient made and its logits freed before the next, so no [tokens, vocab] fp32
+# logits tensor ever exists: at a 152k vocabulary that tensor alone would be 0.6 MB per token.
 
-LOSS_CHUNK_TOKENS = 4096
-
-
-def _chunk_loss_sum(head, hidden, targets):
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+LOSS_CHUNK_BYTES = 2 ** 28  # fp32 logits of one chunk: 256 MiB
 
 
-def response_loss_sum(model, input_ids, target_mask, chunk_tokens=LOSS_CHUNK_TOKENS):
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1][target_mask]
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross-entropy(hidden @ weight^T + bias, targets), chunk by chunk. The gradient w.r.t. hidden
+    is made in the forward pass from each chunk's softmax (softmax - one-hot), so backward only scales it; the
+    frozen lm_head gets no gradient. Logits are computed as the plain lm_head would (under autocast: in bf16) and
+    the softmax in fp32, like F.cross_entropy(logits.float())."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, want_grad):
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = F.linear(h, weight, bias)
+            compute_dtype = logits.dtype
+            logp = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+            del logits
+            logp -= torch.logsumexp(logp, dim=-1, keepdim=True)  # log-softmax, in place
+            rows = torch.arange(t.shape[0], device=t.device)
+            total -= logp[rows, t].sum()
+            if want_grad:
+                grad_logits = logp.exp_()  # softmax
+                grad_logits[rows, t] -= 1
+                grad_hidden[start:start + chunk_rows] = grad_logits.to(compute_dtype) @ weight.to(compute_dtype)
+            del logp
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        # a bf16 gradient times the fp32 scalar: computed in fp32, rounded once
+        return grad_hidden * grad_total, None, None, None, None, None
+
+
+def chunked_cross_entropy_sum(hidden, head, targets, chunk_bytes=LOSS_CHUNK_BYTES):
+    """Summed cross-entropy of head(hidden) against targets without materialising all logits at once."""
+    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:
+        # an unusual or trainable output layer: the plain computation (gradients flow to everything)
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    chunk_rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad)
+
+
+def response_loss_sum(model, input_ids, target_mask, body=None):
+    """Summed cross-entropy over the masked (response) positions. `body` is the decoder to run, by default
+    model.base_model (train() passes a compiled one with --compile)."""
+    hidden = (model.base_model if body is None else body)(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1][target_mask]  # gather the labelled positions first: the lm_head sees only these
     targets = input_ids[:, 1:][target_mask]
-    head = model.get_output_embeddings()
-    if hidden.shape[0] <= chunk_tokens:  # the usual case: one chunk, nothing to recompute
-        return _chunk_loss_sum(head, hidden, targets)
-    return sum(torch.utils.checkpoint.checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
-               for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)))
+    return chunked_cross_entropy_sum(hidden, model.get_output_embeddings(), targets)
+
+
+# -----------------------------------------------------------------------------
+# Micro-batch size from memory: on CUDA, `micro_batch_tokens="auto"` takes the largest token budget whose
+# activations fit in the free memory. Bytes per token per decoder layer were measured with autograd's
+# saved-tensor hooks on Qwen2 and Llama shapes (frozen base, LoRA on all projections; tests check the estimate
+# stays above a measurement) and are rounded up: about e(13 H + 3.5 I) for element size e, plus (e + 1)(6 H + I)
+# for the dropout masks and dropped inputs of the seven LoRA branches. With checkpointing only each layer's input
+# (e H) is kept, and one layer at a time is recomputed. Eager (non-SDPA) attention adds its heads x length score
+# matrices.
+
+def activation_bytes_per_token(model_config, element_bytes=2, lora_dropout=0.0, grad_checkpoint=False,
+                               max_seq_len=1024):
+    """Estimated device memory one training token needs during forward + backward (excluding weights)."""
+    hidden = model_config.hidden_size
+    layers = model_config.num_hidden_layers
+    inner = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    per_layer = element_bytes * (13 * hidden + 3.5 * inner)
+    if lora_dropout > 0:
+        per_layer += (element_bytes + 1) * (6 * hidden + inner)
+    if getattr(model_config, "_attn_implementation", "sdpa") == "eager":
+        per_layer += (4 + 2 * element_bytes) * model_config.num_attention_heads * max_seq_len
+    outside_layers = 16 * hidden  # embeddings, final norm, gathered hidden states and their gradient
+    # kept for backward (with checkpointing: each layer's input, and one layer recomputed at a time), plus one
+    # layer's worth of gradient buffers while backward runs through it
+    kept = layers * element_bytes * hidden + per_layer if grad_checkpoint else layers * per_layer
+    return int(kept + per_layer + outside_layers)
+
+
+def auto_micro_batch_tokens(free_bytes, model_config, **shape):
+    """The largest micro-batch (tokens, a multiple of 256, at least 256) whose activations fit in free_bytes,
+    keeping 15% + 1.5 GiB aside for the loss chunks, workspaces and fragmentation."""
+    usable = 0.85 * free_bytes - 1.5 * 2 ** 30
+    return max(256, int(usable // activation_bytes_per_token(model_config, **shape)) // 256 * 256)
+
+
+def free_device_memory(device):
+    """Bytes free on a CUDA device, counting memory PyTorch's allocator holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def parse_micro_batch_tokens(value):
+    """'auto' or a positive number of tokens, from the command line or a caller."""
+    if value == "auto":
+        return value
+    try:
+        tokens = int(value)
+    except (TypeError, ValueError):
+        tokens = 0
+    if isinstance(value, float) or tokens < 1:
+        raise ValueError(f"micro-batch tokens must be 'auto' or a positive whole number of tokens, got {value!r}")
+    return tokens
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +255,18 @@ def autocast_context(device, precision):
     if device.type != "cuda":
         raise TrainingError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def cast_frozen_weights(model, dtype):
+    """Cast the frozen (base) weights to the autocast dtype once. Left in fp32, autocast would cast every frozen
+    weight again on every call, and keep each cast copy for backward. Trainable (LoRA) weights stay fp32: they are
+    the master weights AdamW updates. Returns the number of parameters cast."""
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast += p.numel()
+    return cast
 
 
 def default_precision(device):
@@ -225,28 +335,51 @@ def _sum_over_ranks(params, step_loss):
     step_loss.copy_(flat[-1])
 
 
-def _lockstep(step_rows, my_rows, micro_batches, lengths, micro_batch_tokens):
+def _lockstep(step_rows, my_rows, micro_batches, lengths, padded_lengths, micro_batch_tokens):
     """Under FSDP: pad this rank's micro-batches with zero-weight copies of one row of the step up to the most any
-    rank has, so that all ranks make the same sequence of forward and backward calls."""
+    rank has, so that all ranks make the same sequence of forward and backward calls. Shares are dealt as in
+    train() (rows sorted by length) and cut by padded length."""
     ordered = sorted(step_rows, key=lambda i: lengths[i])
-    most = max(len(split_micro_batches(ordered[r::dist.world_size()], lengths, micro_batch_tokens))
+    most = max(len(split_micro_batches(ordered[r::dist.world_size()], padded_lengths, micro_batch_tokens))
                for r in range(dist.world_size()))
     padding = most - len(micro_batches)
     return micro_batches + [[(my_rows or ordered)[0]]] * padding, [1.0] * len(micro_batches) + [0.0] * padding
+
+
+# Activation checkpointing: each decoder layer keeps only its input and is recomputed in backward, through the
+# model's own Hugging Face switch (non-reentrant, so the frozen base needs no inputs that require grad, and dropout
+# masks are replayed from the saved RNG state).
+
+def set_grad_checkpointing(model, enabled):
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainingError(f"{type(model).__name__} does not support --grad-checkpoint")
+    if enabled:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        if hasattr(model, "_require_grads_hook"):  # set by enable; not needed once checkpointing is off
+            model.disable_input_require_grads()
 
 
 # -----------------------------------------------------------------------------
 # The loop
 
 def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_steps=0, max_steps=None,
-          micro_batch_tokens=4096, warmup_frac=0.1, weight_decay=0.0, grad_clip=1.0, precision=None, seed=0,
-          max_seq_len=1024, checkpoint_path=None, checkpoint_every_s=60.0, progress=True):
+          micro_batch_tokens="auto", warmup_frac=0.1, weight_decay=0.0, grad_clip=1.0, precision=None, seed=0,
+          max_seq_len=1024, checkpoint_path=None, checkpoint_every_s=60.0, grad_checkpoint=False, compile=False,
+          progress=True):
     """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics.
 
     `epochs` is raised until the run takes at least `min_steps` optimizer steps: a seed set of 50 rows at 3 epochs
     would otherwise get a handful of updates and stay unlearned, and LLM2LLM needs a student that has learned its
     seed set, so that the examples it still gets wrong are real mistakes. `max_steps`, if given, replaces both:
-    exactly that many optimizer steps, cycling through the data in epochs."""
+    exactly that many optimizer steps, cycling through the data in epochs.
+
+    micro_batch_tokens: padded tokens per forward/backward, or "auto": on CUDA the most that fit in free memory,
+    on CPU 4096. grad_checkpoint: recompute each decoder layer in backward instead of keeping its activations.
+    compile: torch.compile the decoder, with padded lengths bucketed to multiples of 64 so shapes repeat. On CUDA
+    with bf16/fp16, frozen fp32 weights are cast to that dtype once (see cast_frozen_weights)."""
     if not pairs:
         raise TrainingError("no training examples")
     params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -256,6 +389,10 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     precision = precision or default_precision(device)
     if precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {precision!r}: choose fp32, bf16 or fp16")
+    try:
+        micro_batch_tokens = parse_micro_batch_tokens(micro_batch_tokens)
+    except ValueError as e:
+        raise TrainingError(str(e))
     torch.manual_seed(seed + 1_000_003 * dist.rank())  # dropout masks, one stream per rank; restored on resume
 
     examples = [encode_pair(tokenizer, prompt, response, max_seq_len) for prompt, response in pairs]
@@ -270,12 +407,33 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     else:
         epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     steps = plan_steps(lengths, batch_size, epochs, seed)[:max_steps]
-    micro_batch_tokens = max(micro_batch_tokens, max(lengths))  # a single long row always fits
+    sharded = is_sharded(model)
+    width_multiple = LENGTH_BUCKET if compile else 1
+    padded_lengths = [bucket(n, width_multiple) for n in lengths]  # what a row costs in a micro-batch
+    memory_note = ""
+    if device.type == "cuda" and precision != "fp32" and not sharded:  # FSDP casts its own gathered shards
+        cast = cast_frozen_weights(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+        memory_note += f", {cast:,} frozen weights cast to {precision} once" if cast else ""
+    if micro_batch_tokens == "auto" and device.type == "cuda":
+        first = lora_modules(model)[0][1]
+        shape = dict(element_bytes=4 if precision == "fp32" else 2, grad_checkpoint=grad_checkpoint,
+                     lora_dropout=first.lora_dropout.p if isinstance(first.lora_dropout, torch.nn.Dropout) else 0.0,
+                     max_seq_len=max(padded_lengths))
+        free = free_device_memory(device)
+        micro_batch_tokens = auto_micro_batch_tokens(free, model.config, **shape)
+        memory_note += (f", auto micro-batch from {free / 2 ** 30:.1f} GiB free at "
+                        f"~{activation_bytes_per_token(model.config, **shape) / 2 ** 10:.0f} KiB per token")
+        if dist.world_size() > 1:  # every rank must split a step the same way (FSDP runs them in lockstep)
+            micro_batch_tokens = dist.broadcast_object(micro_batch_tokens)
+    elif micro_batch_tokens == "auto":
+        micro_batch_tokens = 4096
+    micro_batch_tokens = max(micro_batch_tokens, max(padded_lengths))  # a single long row always fits
     warmup = max(1, int(warmup_frac * len(steps)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    # fused on CUDA; on CPU the foreach kernels, not a Python loop over the hundreds of small LoRA tensors
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", foreach=device.type != "cuda")
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start_step, tokens_seen, loss_history = 0, 0, []
     # what a checkpoint must match to be resumed: the data (as token lengths), the step plan and the optimizer
@@ -289,10 +447,13 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
         print(f"training on {len(pairs)} examples ({sum(lengths):,} tokens, {n_truncated} truncated to "
               f"{max_seq_len}): {len(steps)} steps of {batch_size} rows (~{sum(lengths) * epochs // len(steps):,} "
               f"tokens/step, {epochs} epochs), micro-batches of <= {micro_batch_tokens} tokens, {precision}, peak lr {lr:g}"
-              + (f", resuming at step {start_step}" if start_step else ""))
+              + memory_note + (", activation checkpointing" if grad_checkpoint else "")
+              + (", compiled" if compile else "") + (f", resuming at step {start_step}" if start_step else ""))
 
-    sharded = is_sharded(model)
     model.train()
+    if grad_checkpoint:
+        set_grad_checkpointing(model, True)
+    body = torch.compile(model.base_model) if compile else model.base_model
     bar = tqdm(total=len(steps), initial=start_step, desc="train", disable=not progress, leave=False)
     t0, last_save = time.time(), time.time()
     tokens_at_start = tokens_seen
@@ -303,16 +464,17 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
         # this rank's share of the step; the loss is still divided by the response tokens of the WHOLE step (every
         # rank holds the plan, so the count needs no communication) and the gradients are summed over ranks
         my_rows = dist.my_share(sorted(steps[step], key=lambda i: lengths[i]))
-        micro_batches = split_micro_batches(my_rows, lengths, micro_batch_tokens)
+        micro_batches = split_micro_batches(my_rows, padded_lengths, micro_batch_tokens)
         n_targets = sum(lengths[i] - examples[i][1] for i in steps[step])
         weights = [1.0] * len(micro_batches)
         if sharded:  # every forward is a collective (FSDP gathers each layer): all ranks run as many micro-batches
-            micro_batches, weights = _lockstep(steps[step], my_rows, micro_batches, lengths, micro_batch_tokens)
+            micro_batches, weights = _lockstep(steps[step], my_rows, micro_batches, lengths, padded_lengths,
+                                                micro_batch_tokens)
         step_loss = torch.zeros((), device=device)
         for rows, weight in zip(micro_batches, weights):
-            input_ids, target_mask = collate([examples[i] for i in rows], pad_id, device)
+            input_ids, target_mask = collate([examples[i] for i in rows], pad_id, device, width_multiple)
             with autocast_context(device, precision):
-                loss = response_loss_sum(model, input_ids, target_mask) / n_targets * weight  # x * 1.0 is exact
+                loss = response_loss_sum(model, input_ids, target_mask, body) / n_targets * weight  # x * 1.0 is exact
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
         tokens_seen += sum(lengths[i] for i in steps[step])
@@ -341,6 +503,8 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
             _save_checkpoint(checkpoint_path, plan, step + 1, params, optimizer, scaler, tokens_seen, loss_history)
             last_save = time.time()
     bar.close()
+    if grad_checkpoint:
+        set_grad_checkpointing(model, False)
     model.eval()
     return {"steps": len(steps), "epochs": epochs, "train_tokens": tokens_seen, "train_seconds": time.time() - t0,
             "final_loss": loss_history[-1] if loss_history else None, "loss_history": loss_history,

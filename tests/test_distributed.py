@@ -243,7 +243,7 @@ def test_fsdp_lockstep_gives_every_rank_as_many_micro_batches(monkeypatch):
             monkeypatch.setattr(dist, "rank", lambda: r)
             mine = dist.my_share(sorted(step, key=lambda i: lengths[i]))
             micro = train.split_micro_batches(mine, lengths, 90)
-            padded, weights = train._lockstep(step, mine, micro, lengths, 90)
+            padded, weights = train._lockstep(step, mine, micro, lengths, lengths, 90)
             assert padded[:len(micro)] == micro and weights[:len(micro)] == [1.0] * len(micro)
             assert all(w == 0.0 for w in weights[len(micro):]) and all(len(m) == 1 for m in padded[len(micro):])
             counts.append(len(padded))

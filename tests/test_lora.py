@@ -337,3 +337,51 @@ def test_adapters_added_to_an_eval_model_stay_in_eval_mode(llama_dir, tmp_path):
 def test_bad_rank_is_rejected(llama_dir):
     with pytest.raises(LoRAError, match="rank"):
         add_lora(load(llama_dir), r=0, verbose=False)
+
+
+def test_forward_and_gradients_match_the_formula_by_hand(llama_dir, gpt2_dir):
+    # y = x W^T + b + (alpha/r) x A^T B^T, written out with plain matmuls, for Linear and Conv1D (weight stored
+    # transposed); the gradients of A and B too, since training differentiates through the fused addmm
+    for path, name in ((llama_dir, "model.layers.0.mlp.up_proj"), (gpt2_dir, "transformer.h.0.mlp.c_fc")):
+        model = add_lora(load(path), r=4, alpha=8, verbose=False)
+        perturb(model)
+        layer = model.get_submodule(name).train()
+        x = torch.randn(2, 5, layer.lora_A.weight.shape[1])
+        w = layer.base.weight.detach()
+        w = w.T if layer.fan_in_fan_out else w
+        bias = layer.base.bias if layer.base.bias is not None else 0.0
+        a, b = (layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone()
+                .requires_grad_())
+        want = x @ w.T + bias + 2.0 * (x @ a.T) @ b.T
+        got = layer(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        grad_out = torch.randn_like(want)
+        want.backward(grad_out)
+        got.backward(grad_out)
+        torch.testing.assert_close(layer.lora_A.weight.grad, a.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.lora_B.weight.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_without_autocast_keeps_fp32_adapters(llama_dir):
+    model = add_lora(load(llama_dir), r=4, alpha=8, verbose=False)
+    perturb(model)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(3, 64)
+    want = layer(x)
+    layer.base.to(torch.bfloat16)
+    got = layer(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+def test_no_dropout_draw_at_p0_or_in_eval(llama_dir):
+    # no work for a dropout that does nothing: the random generator is untouched at p=0 and in eval mode
+    for p, train_mode, draws in ((0.0, True, False), (0.3, False, False), (0.3, True, True)):
+        model = add_lora(load(llama_dir), r=4, alpha=8, dropout=p, verbose=False)
+        layer = model.get_submodule("model.layers.0.self_attn.q_proj").train(train_mode)
+        x = torch.randn(3, 64)
+        before = torch.get_rng_state()
+        layer(x)
+        assert (not torch.equal(torch.get_rng_state(), before)) == draws, (p, train_mode)
+    with pytest.raises(LoRAError, match="dropout"):
+        add_lora(load(llama_dir), dropout=1.0, verbose=False)

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lora  # noqa: E402
 import train as train_module  # noqa: E402
-from train import (TrainingError, collate, encode_pair, lr_at, plan_steps, render_prompt,  # noqa: E402
+from train import (TrainingError, activation_bytes_per_token, auto_micro_batch_tokens, bucket,
+                   chunked_cross_entropy_sum, collate, encode_pair, lr_at, plan_steps, render_prompt,  # noqa: E402
                    response_loss_sum, split_micro_batches, train)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -73,10 +74,6 @@ def lora_state(model):
     return {f"{n}.{p}": getattr(m, p).weight.detach().clone() for n, m in lora.lora_modules(model)
             for p in ("lora_A", "lora_B")}
 
-
-def lora_grads(model):
-    return {f"{n}.{p}": getattr(m, p).weight.grad.clone() for n, m in lora.lora_modules(model)
-            for p in ("lora_A", "lora_B")}
 
 
 def hf_reference_batch(tokenizer, pairs):
@@ -155,27 +152,6 @@ def test_response_loss_sum_matches_hf_labels_and_rowwise_reference(model_dir, to
         assert mask.sum() == n_targets
 
 
-def test_chunked_loss_equals_the_whole_loss_and_its_gradient(model_dir, tokenizer):
-    # chunks of 2 response positions (6 in all: three chunks) against one pass over all of them
-    model = student(model_dir)
-    with torch.no_grad():
-        for m in (m for _, m in lora.lora_modules(model)):
-            m.lora_B.weight.normal_(0, 0.05)
-    input_ids, mask = collate([encode_pair(tokenizer, p, r, 1024) for p, r in PAIRS], tokenizer.pad_token_id,
-                              torch.device("cpu"))
-    results = []
-    for chunk_tokens in (10_000, 2):
-        model.zero_grad(set_to_none=True)
-        loss = response_loss_sum(model, input_ids, mask, chunk_tokens=chunk_tokens)
-        loss.backward()
-        results.append((loss.detach(), lora_grads(model)))
-    (whole, whole_grads), (chunked, chunked_grads) = results
-    assert mask.sum() > 2  # more than one chunk really ran
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-6)
-    for name in whole_grads:
-        torch.testing.assert_close(chunked_grads[name], whole_grads[name], atol=2e-5, rtol=1e-4)  # sum order
-
-
 def test_step_loss_and_gradient_are_normalised_over_the_whole_step(model_dir, tokenizer, monkeypatch):
     # One step over all four rows, cut into one micro-batch per row or a single micro-batch: the logged loss and
     # the gradient must both equal a single-batch mean cross-entropy over all response tokens (HF labels).
@@ -212,6 +188,53 @@ def test_step_loss_and_gradient_are_normalised_over_the_whole_step(model_dir, to
         assert stats["loss_history"][0] == pytest.approx(reference.item(), rel=1e-5)
         for got, want in zip(seen[-1], ref_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1000).requires_grad_(False)
+    targets = torch.randint(0, 1000, (37,))
+    ref_hidden = (torch.randn(37, 32) * 3).requires_grad_()
+    reference = torch.nn.functional.cross_entropy(head(ref_hidden).float(), targets, reduction="sum")
+    (reference * 0.37).backward()
+    for chunk_rows in (1, 5, 36, 37, 1000):  # many chunks, a ragged last chunk, one chunk
+        hidden = ref_hidden.detach().clone().requires_grad_()
+        loss = chunked_cross_entropy_sum(hidden, head, targets, chunk_bytes=chunk_rows * 4 * 1000)
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+        (loss * 0.37).backward()
+        torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the value alone, no gradient work
+        assert chunked_cross_entropy_sum(ref_hidden, head, targets, 800).item() == pytest.approx(reference.item(),
+                                                                                                 rel=1e-6)
+
+
+def test_model_loss_in_small_chunks_matches_full_logits_and_never_saves_logits(model_dir, tokenizer, monkeypatch):
+    # the whole path (gather, chunked lm_head, backward into the adapters) against the straightforward full-logits
+    # cross-entropy; with a chunk of 3 rows and autograd watched: no logits are kept for backward
+    model = student(model_dir)
+    with torch.no_grad():
+        for m in (m for _, m in lora.lora_modules(model)):
+            m.lora_B.weight.normal_(0, 0.05)
+    encoded = [encode_pair(tokenizer, p, r, 1024) for p, r in PAIRS]
+    input_ids, mask = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    params = [p for _, m in lora.lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    monkeypatch.setattr(train_module, "LOSS_CHUNK_BYTES", 3 * 4 * vocab)
+    # fp32, as training on CPU runs: the loss to ~1e-6; fp64: the gradients exactly up to float64 rounding
+    for dtype, grad_tol in ((torch.float32, None), (torch.float64, 1e-10)):
+        model.to(dtype)
+        full = torch.nn.functional.cross_entropy(model(input_ids=input_ids).logits[:, :-1][mask],
+                                                 input_ids[:, 1:][mask], reduction="sum")
+        want = torch.autograd.grad(full, params)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            ours = response_loss_sum(model, input_ids, mask)
+        got = torch.autograd.grad(ours, params)
+        assert ours.item() == pytest.approx(full.item(), rel=1e-6)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=grad_tol or 1e-4, atol=grad_tol or 1e-5)
+        assert saved and not [shape for shape in saved if shape[-1] == vocab]  # no logits kept for backward
 
 
 # -----------------------------------------------------------------------------
@@ -371,3 +394,188 @@ def test_bad_calls_give_clear_errors(model_dir, tokenizer):
         train(student(model_dir), tokenizer, PAIRS, max_seq_len=8, progress=False)
     with pytest.raises(TrainingError, match="CUDA"):
         train(student(model_dir), tokenizer, PAIRS, precision="bf16", progress=False)
+
+
+# -----------------------------------------------------------------------------
+# Memory: automatic micro-batch size, activation checkpointing
+
+QWEN_05B = LlamaConfig(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       intermediate_size=4864, vocab_size=151936)
+GiB = 2 ** 30
+
+
+def test_auto_micro_batch_tokens_from_fake_free_memory():
+    per_token = activation_bytes_per_token(QWEN_05B, element_bytes=2, lora_dropout=0.05)
+    # by hand: 24 layers + 1 of 2 (13 H + 3.5 I) + 3 (6 H + I) bytes, plus 16 H outside the layers
+    layer = 2 * (13 * 896 + 3.5 * 4864) + 3 * (6 * 896 + 4864)
+    assert per_token == int(25 * layer + 16 * 896)
+    tokens = auto_micro_batch_tokens(70 * GiB, QWEN_05B, element_bytes=2, lora_dropout=0.05)
+    assert tokens == int((0.85 * 70 * GiB - 1.5 * GiB) // per_token) // 256 * 256
+    assert tokens % 256 == 0 and 20_000 < tokens < 40_000
+    # more memory, more tokens; checkpointing keeps one hidden vector per layer, so far more tokens fit
+    assert auto_micro_batch_tokens(30 * GiB, QWEN_05B) < tokens
+    checkpointed = auto_micro_batch_tokens(70 * GiB, QWEN_05B, element_bytes=2, lora_dropout=0.05,
+                                           grad_checkpoint=True)
+    assert checkpointed > 64 * 1024 > 4 * tokens / 2  # a 64k-token micro-batch of the 0.5B shape fits in 70 GiB
+    # fp32 activations cost more; no free memory still gives a usable minimum; eager attention pays per length
+    assert auto_micro_batch_tokens(70 * GiB, QWEN_05B, element_bytes=4, lora_dropout=0.05) < tokens
+    assert auto_micro_batch_tokens(1 * GiB, QWEN_05B) == 256
+    eager = LlamaConfig(**QWEN_05B.to_dict())
+    eager._attn_implementation = "eager"
+    assert activation_bytes_per_token(eager, max_seq_len=2048) > activation_bytes_per_token(QWEN_05B,
+                                                                                          max_seq_len=2048)
+
+
+def saved_bytes_per_token(model, input_ids, mask):
+    """Bytes autograd keeps for backward of one loss computation, per input token (each storage counted once)."""
+    storages = {}
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        response_loss_sum(model, input_ids, mask)
+    return sum(n for ptr, n in storages.items() if ptr not in frozen) / input_ids.numel()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_estimate_covers_what_autograd_keeps(dropout):
+    # Llama-style shapes with the MLP ratios of Qwen2.5 (5.4) and Llama-2 (2.7), in fp32: the estimate is never
+    # below the measurement, with and without checkpointing, and not wildly above it
+    for hidden, inner, kv_heads in ((128, 692, 2), (128, 344, 8)):
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=inner, num_hidden_layers=3, num_attention_heads=8,
+                             num_key_value_heads=kv_heads, vocab_size=300)
+        torch.manual_seed(0)
+        model = lora.add_lora(LlamaForCausalLM(config), r=8, alpha=16, dropout=dropout, verbose=False).train()
+        input_ids = torch.randint(0, 300, (2, 96))
+        mask = torch.zeros(2, 95, dtype=torch.bool)
+        mask[:, 40:] = True
+        for checkpointing in (False, True):
+            if checkpointing:
+                train_module.set_grad_checkpointing(model, True)
+            measured = saved_bytes_per_token(model, input_ids, mask)
+            estimate = activation_bytes_per_token(model.config, element_bytes=4, lora_dropout=dropout,
+                                                  grad_checkpoint=checkpointing)
+            assert measured < estimate, (hidden, inner, checkpointing)
+            if not checkpointing:  # (with it, the estimate also covers the layer recomputed during backward)
+                assert estimate < 2 * measured, (hidden, inner)
+        train_module.set_grad_checkpointing(model, False)
+
+
+def test_grad_checkpoint_gives_the_same_loss_and_gradients_with_less_kept(model_dir, tokenizer):
+    encoded = [encode_pair(tokenizer, p, r, 1024) for p, r in PAIRS]
+    input_ids, mask = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    results = []
+    for checkpointing in (False, True):
+        model = student(model_dir, dropout=0.3).train()  # dropout on: the recompute must replay the same masks
+        with torch.no_grad():
+            for m in (m for _, m in lora.lora_modules(model)):
+                m.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        if checkpointing:
+            train_module.set_grad_checkpointing(model, True)
+        kept = saved_bytes_per_token(model, input_ids, mask)
+        torch.manual_seed(5)
+        loss = response_loss_sum(model, input_ids, mask)
+        params = [p for _, m in lora.lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+        results.append((kept, loss.detach(), torch.autograd.grad(loss, params)))
+    (kept_full, loss_full, grads_full), (kept_ckpt, loss_ckpt, grads_ckpt) = results
+    assert kept_ckpt < kept_full / 2
+    torch.testing.assert_close(loss_ckpt, loss_full, rtol=1e-6, atol=0)
+    for a, b in zip(grads_ckpt, grads_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    # through train(): the same loss history, and the model handed back without checkpointing
+    runs = []
+    for checkpointing in (False, True):
+        model = student(model_dir, dropout=0.3)
+        runs.append(train(model, tokenizer, PAIRS, epochs=2, batch_size=2, lr=5e-3, grad_checkpoint=checkpointing,
+                          progress=False)["loss_history"])
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+def test_micro_batch_tokens_auto_is_4096_on_cpu_and_bad_values_are_refused(model_dir, tokenizer, capsys):
+    train(student(model_dir), tokenizer, PAIRS, epochs=1, batch_size=4)
+    assert "micro-batches of <= 4096 tokens" in capsys.readouterr().out
+    for bad in ("big", 0, -1, 2.5):
+        with pytest.raises(TrainingError, match="'auto' or a positive whole number"):
+            train(student(model_dir), tokenizer, PAIRS, micro_batch_tokens=bad, progress=False)
+
+
+def test_frozen_weights_cast_once_and_never_again_under_autocast(model_dir, tokenizer):
+    # what train() does on CUDA with bf16, checked with CPU autocast (the same casting rules): after the one cast,
+    # a forward + backward casts no base weight; only the fp32 LoRA weights are cast, once each per autocast region
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = student(model_dir).train()
+    lora_params = [p for _, m in lora.lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert train_module.cast_frozen_weights(model, torch.bfloat16) == frozen
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in lora_params)  # master weights, and so AdamW state, stay fp32
+    assert train_module.cast_frozen_weights(model, torch.bfloat16) == 0
+
+    frozen_shapes = {tuple(p.shape) for p in model.parameters() if not p.requires_grad}
+    casts = []
+
+    class RecordCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 2:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    encoded = [encode_pair(tokenizer, p, r, 1024) for p, r in PAIRS]
+    input_ids, mask = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    with RecordCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = response_loss_sum(model, input_ids, mask)
+    loss.backward()
+    assert not [shape for shape in casts if shape in frozen_shapes]
+    lora_shapes = {tuple(p.shape) for p in lora_params} | {tuple(p.shape[::-1]) for p in lora_params}
+    assert 0 < len([shape for shape in casts if shape in lora_shapes]) <= len(lora_params)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_params)
+
+
+# -----------------------------------------------------------------------------
+# --compile: bucketed shapes
+
+def test_bucketed_collate_pads_to_multiples_and_changes_nothing_else():
+    assert [bucket(n, 64) for n in (1, 63, 64, 65, 200)] == [64, 64, 64, 128, 256]
+    assert bucket(37, 1) == 37
+    examples = [([11, 12, 13, 14, 15], 2), ([21, 22, 23], 1)]
+    plain_ids, plain_mask = collate(examples, 0, torch.device("cpu"))
+    ids, mask = collate(examples, 0, torch.device("cpu"), width_multiple=64)
+    assert ids.shape == (2, 64) and mask.shape == (2, 63)
+    assert torch.equal(ids[:, :5], plain_ids) and not ids[:, 5:].any()
+    assert torch.equal(mask[:, :4], plain_mask) and not mask[:, 4:].any()
+
+
+def test_compile_trains_the_compiled_decoder_on_bucketed_shapes(model_dir, tokenizer, monkeypatch):
+    # torch.compile with the eager backend (graph capture without code generation, quick on CPU): the loop must
+    # run the compiled decoder, on widths that are multiples of 64, and reach the loss of the uncompiled loop
+    compiled, widths = [], []
+    real_compile = torch.compile
+
+    def eager_compile(module, **kwargs):
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    real_loss = train_module.response_loss_sum
+
+    def spy(model, input_ids, target_mask, body=None):
+        widths.append(input_ids.shape[1])
+        assert body is not None and body is not model.base_model
+        return real_loss(model, input_ids, target_mask, body)
+
+    reference = train(student(model_dir), tokenizer, PAIRS, epochs=2, batch_size=2, lr=5e-3,
+                      progress=False)["loss_history"]
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(train_module, "response_loss_sum", spy)
+    torch._dynamo.reset()
+    model = student(model_dir)
+    history = train(model, tokenizer, PAIRS, epochs=2, batch_size=2, lr=5e-3, compile=True,
+                    progress=False)["loss_history"]
+    assert compiled == [model.base_model]
+    assert widths and all(w % 64 == 0 for w in widths)
+    assert history == pytest.approx(reference, rel=1e-5)
