@@ -112,9 +112,11 @@ def arm_config(base, arm, seed, out, reference=None):
     # reply (model, messages, sampling settings, run seed, sample index): a hit is a reply to exactly the request
     # the run would send. Two arms asking the same thing share one reply, so each arm's replies are still
     # draws from the teacher for its own requests, the pair is compared on common teacher randomness, and nothing
-    # is paid twice; teacher tokens are still counted per run, cached or not. A token budget, though, counts only
-    # tokens paid now, so with --teacher-budget-tokens each run keeps its own cache and spends its budget alone.
-    cache = base.teacher_cache or (None if base.teacher_budget_tokens else os.path.join(out, "teacher_cache"))
+    # is paid twice; teacher tokens are still counted per run, cached or not. With a budget (tokens, FLOPs or dollars)
+    # each run keeps its own cache and spends its budget alone.
+    budget = any(v is not None for v in (base.teacher_budget_tokens, base.teacher_budget_flops,
+                                          base.teacher_budget_usd))
+    cache = base.teacher_cache or (None if budget else os.path.join(out, "teacher_cache"))
     cfg = replace(base, seed=seed, out=run_dir, teacher_cache=cache)
     if arm in ("finetune", "finetune-matched"):
         cfg.iterations = 0
@@ -464,6 +466,12 @@ def compare(base, arms, seeds, args, run=None):
     run = run or llm2llm.run
     if base.seed_size is None and base.seed_frac is None:
         base.seed_frac = 0.01  # as run() resolves it, so finished runs are recognised without loading a model
+    if base.teacher_params is None and not (base.teacher_url or os.environ.get("OPENAI_BASE_URL")) and \
+            base.iterations > 0:
+        try:  # the embedded teacher's size, as run() counts it, for the same reason
+            base.teacher_params = llm2llm.count_parameters(base.teacher_model)
+        except (OSError, ValueError, KeyError):
+            pass  # run() says that FLOPs are not reported
     os.makedirs(args.out, exist_ok=True)
     print(f"comparing {', '.join(arms)} over seeds {', '.join(map(str, seeds))} in {args.out}: "
           f"{len(arms) * len(seeds)} runs")

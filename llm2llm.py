@@ -14,6 +14,7 @@ Usage:
     python llm2llm.py serve --model PATH_OR_ID [--port 8000]      # OpenAI-compatible teacher server
     python llm2llm.py report runs/gsm8k-...                       # table, report.md, report.svg
     python llm2llm.py compare --task sst2 --seeds 0,1,2 --out runs/cmp   # baselines over seeds (compare.py)
+    python llm2llm.py compare-teachers --teacher-a M1 --teacher-b M2 ... # two teachers, compute-matched
     torchrun --nproc-per-node 8 llm2llm.py --task gsm8k ...       # the same loop, data-parallel on 8 GPUs
 
 This file holds the configuration (one dataclass = the command-line flags), the run directory with its resume
@@ -27,12 +28,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -40,11 +42,12 @@ from tqdm.auto import tqdm
 import dist
 from generate import DEFAULT_STUDENT, ModelLoadError, generate, is_sharded, load_model, resolve_device
 from lora import LoRAError, add_lora, load_adapter, lora_modules, remove_lora, save_adapter
-from report import ReportError, render_table, write_report
+from report import ReportError, render_sampling_table, render_table, write_report
 from serve import main as serve_main, make_server, start_background
-from tasks import PROMPTS_DIR, TaskError, filter_generated, get_task, sample_seed
+from tasks import (PROMPTS_DIR, TaskError, check_calculations, fill as tasks_fill, filter_generated, get_task,
+                   normalize_text, read_prompt_file, sample_seed, solution_key)
 from teacher import BUDGET_SPENT, Teacher, check_reachable
-from train import TrainingError, default_precision, render_prompt, train
+from train import TrainingError, default_precision, parse_micro_batch_tokens, render_prompt, train
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass; its fields are the command-line flags (dashes there, underscores here).
@@ -80,6 +83,19 @@ class Config:
                                                        "per iteration when its replies are rejected"})
     teacher_budget_tokens: Optional[int] = field(default=None, metadata={"help": "stop asking the teacher once "
                                                                          "the run has used this many tokens"})
+    teacher_params: Optional[float] = field(default=None, metadata={
+        "help": "the teacher's number of parameters, e.g. 7e9, for teacher_flops = 2 * params * (prompt + completion "
+                "tokens) (default: counted from the embedded teacher's config; unknown for an endpoint, and then "
+                "FLOPs are not reported)"})
+    teacher_price_in: Optional[float] = field(default=None, metadata={"help": "USD per million prompt tokens, for "
+                                                                      "teacher_cost_usd (with --teacher-price-out)"})
+    teacher_price_out: Optional[float] = field(default=None, metadata={"help": "USD per million completion tokens, "
+                                                                       "for teacher_cost_usd"})
+    teacher_budget_flops: Optional[float] = field(default=None, metadata={
+        "help": "stop asking the teacher once the run has used this many teacher FLOPs (needs the teacher's "
+                "parameter count)"})
+    teacher_budget_usd: Optional[float] = field(default=None, metadata={
+        "help": "stop asking the teacher once the run has spent this many dollars (needs --teacher-price-in/-out)"})
     show_student_answer: bool = field(default=False, metadata={"help": "include the student's wrong answer in the "
                                                                "teacher's message"})
     seed_size: Optional[int] = field(default=None, metadata={"help": "number of seed examples from train"})
@@ -91,6 +107,22 @@ class Config:
     augment: str = field(default="wrong", metadata={"help": "which seed examples the teacher gets as parents: wrong "
                                                     "(LLM2LLM), all, or random (as many as are wrong, drawn from "
                                                     "all seed examples: the same teacher budget)"})
+    teacher_mode: str = field(default="questions", metadata={
+        "help": "questions (LLM2LLM: new problems modelled on each wrong seed), solutions (the teacher solves each "
+                "wrong seed problem --samples-per-wrong times; answer-correct solutions become training rows; "
+                "GSM8K and your own number/exact tasks), or both"})
+    samples_per_wrong: int = field(default=4, metadata={"help": "--teacher-mode solutions/both: solutions sampled "
+                                                        "per wrong seed problem (k of coverage@k, diversity@k)"})
+    verify: int = field(default=0, metadata={"help": "GSM8K, new questions: the teacher solves each new problem this "
+                                             "many times; it is kept only when more than half of them reach the "
+                                             "answer it was written with (0: off)"})
+    judge_url: Optional[str] = field(default=None, metadata={"help": "OpenAI-compatible base URL of a judge that "
+                                                             "rates each answer-correct solution's reasoning "
+                                                             "(gives fpr_judge; measurement only)"})
+    judge_model: Optional[str] = field(default=None, metadata={"help": "model name at --judge-url"})
+    judge_budget_tokens: Optional[int] = field(default=None, metadata={
+        "help": "stop asking the judge once the run has used this many judge prompt+completion tokens (cached "
+                "replies count; the solutions left are reported as not judged)"})
     epochs: int = field(default=3, metadata={"help": "epochs per fine-tune (raised to reach --min-steps)"})
     min_steps: int = field(default=64, metadata={"help": "fewest optimizer steps per fine-tune: small seed sets get "
                                                  "more epochs, so the student learns them (0: epochs alone)"})
@@ -98,8 +130,14 @@ class Config:
                                                                "--epochs and --min-steps (the data is cycled as needed)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (warmup, then cosine)"})
     batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
-    micro_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch (memory knob; "
-                                                            "does not change the result)"})
+    micro_batch_tokens: Union[int, str] = field(default="auto", metadata={
+        "help": "padded tokens per micro-batch, or auto: on CUDA the most that fit in free memory, on CPU 4096 "
+                "(a memory knob; does not change the result)", "type": "micro_batch_tokens"})
+    grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward "
+                                                           "instead of keeping its activations: much less memory "
+                                                           "for long rows and 7B students, for one more forward pass"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the student's decoder for training "
+                                                   "(row lengths padded to multiples of 64 so shapes repeat)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha/r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch input"})
@@ -127,8 +165,9 @@ class Config:
 # fields that do not change what a run computes, so a resumed run may differ in them. --device and --precision are
 # checked through the precision they resolve to (recorded as precision_used), --teacher-url with a warning.
 RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_timeout", "teacher_key_env", "teacher_url", "device",
-                  "precision", "teacher_cache", "dist_timeout", "fsdp"}
+                  "precision", "teacher_cache", "dist_timeout", "fsdp", "judge_url"}
 AUGMENT_CHOICES = ("wrong", "all", "random")
+TEACHER_MODES = ("questions", "solutions", "both")
 
 
 def parse_args(argv):
@@ -136,16 +175,26 @@ def parse_args(argv):
                                      epilog="subcommands: `llm2llm.py serve --model M` runs the OpenAI-compatible "
                                             "teacher server; `llm2llm.py report RUN_DIR` prints a run's report; "
                                             "`llm2llm.py compare --arms ... --seeds ...` compares baselines "
-                                            "(see compare.py).")
+                                            "(see compare.py); `llm2llm.py compare-teachers --teacher-a ... "
+                                            "--teacher-b ...` compares two teachers at matched compute "
+                                            "(see compare_teachers.py).")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
-        # Optional[int] -> int
+        # Optional[int] -> int; a field with its own parser names it in metadata["type"]
         kind = next((t for t in getattr(f.type, "__args__", ()) if t is not type(None)), f.type)
+        kind = {"micro_batch_tokens": micro_batch_tokens_arg}.get(f.metadata.get("type"), kind)
         parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
     return Config(**vars(parser.parse_args(argv)))
+
+
+def micro_batch_tokens_arg(text):
+    try:
+        return parse_micro_batch_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 class RunError(ValueError):
@@ -286,16 +335,245 @@ def augment(task, teacher, parents, predictions, known_rows, test_rows, iteratio
         # dropped ("surplus") before it can count as known and knock out another seed's candidate
         kept, bad = filter_generated(task, candidates, known_rows + accepted, test_rows, quota=need)
         rejected += bad
+        if cfg.verify and kept:
+            kept, bad, verify_usage = verify_questions(task, teacher, kept, iteration, cfg)
+            rejected += bad
+            usage.update(verify_usage)
         for new in kept:
             parent = new.pop("parent_id")
             cache_key = new.pop("cache_key")
             k = cfg.aug_per_wrong - need[parent]
             need[parent] -= 1
             accepted.append(dict(new, id=f"aug{iteration}-{parent}-{k}", provenance={
-                "parent_id": parent, "iteration": iteration, "teacher_model": cfg.teacher_model,
+                "parent_id": parent, "iteration": iteration, "mode": "question", "teacher_model": cfg.teacher_model,
                 "cache_key": cache_key, "ask": ask}))
     unsatisfied = [seed_id for seed_id, n in need.items() if n > 0]
     return accepted, rejected, unsatisfied, usage
+
+
+def verify_questions(task, teacher, kept, iteration, cfg):
+    """(verified, rejected, usage): the teacher solves each new problem --verify times; a problem is kept only when
+    more than half of those solutions reach the answer it was written with (a problem whose own answer is wrong, or
+    that is ambiguous, rarely gets a majority)."""
+    jobs = [{"messages": task.solve_messages(new), "n": cfg.verify, "sample": iteration} for new in kept]
+    results = teacher.chat_many(jobs)
+    usage = Counter()
+    for r in {r["cache_key"]: r for r in results}.values():
+        usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
+    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
+    if failed:
+        raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} verification requests (first: "
+                       f"{failed[0]}). Its finished replies are cached.")
+    verified, rejected = [], []
+    for new, result in zip(kept, results):
+        votes = sum(task.read_number(task.parse_solution(c["text"])[0]) == task.answer_value(new)
+                    for c in result["choices"])
+        if result["choices"] and 2 * votes > cfg.verify:
+            verified.append(new)
+        else:
+            rejected.append({"parent_id": new.get("parent_id"), "reason": "failed_verification",
+                             "text": task.format_item(new), "votes": f"{votes}/{len(result['choices'])}"})
+    return verified, rejected, usage
+
+
+# Solutions (--teacher-mode solutions/both, after Bansal et al. 2024, "Smaller, Weaker, Yet Better"): the teacher
+# solves each parent problem k times. A solution whose final answer is the gold one is "answer-correct"; it becomes a
+# training row (the seed question, the teacher's solution) unless it shows no working, has a wrong calculator note,
+# or repeats a known solution. The three numbers that describe such data are measured on the way:
+#   coverage@k   share of problems with at least one answer-correct solution among their k;
+#   diversity@k  mean number of distinct answer-correct solutions per problem (whitespace and number formatting
+#                normalised);
+#   fpr_estimate share of answer-correct solutions with a wrong <<a*b=c>> note: right answer, wrong working. A
+#                lower bound, since reasoning can be wrong without a note showing it; an optional judge model
+#                (--judge-url) rates each answer-correct solution's reasoning for fpr_judge.
+
+def sample_solutions(task, teacher, parents, known_rows, iteration, cfg):
+    """(accepted rows, rejected, usage, metrics) for one iteration's parents."""
+    k = cfg.samples_per_wrong
+    jobs = [{"messages": task.solve_messages(row), "n": k, "sample": iteration} for row in parents]
+    results = teacher.chat_many(jobs)
+    usage = Counter()
+    for r in {r["cache_key"]: r for r in results}.values():
+        usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
+    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
+    if failed:
+        raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} solution requests (first: {failed[0]}). "
+                       f"Its finished replies are cached.")
+    seen = {(normalize_text(task.prompt(r)), solution_key(task.response(r))) for r in known_rows}
+    accepted, rejected, correct = [], [], []
+    problems = covered = unique_total = calc_failures = sampled = 0
+    for row, result in zip(parents, results):
+        if not result["choices"]:  # the budget ran out before this problem was asked
+            continue
+        problems += 1
+        unique = set()
+        for j, choice in enumerate(result["choices"]):
+            sampled += 1
+            text, reason = task.parse_solution(choice["text"], truncated=choice["finish_reason"] == "length")
+            if reason is None and task.is_correct(text, row):
+                correct.append((row, text))
+                unique.add(solution_key(text))
+                calc_failures += check_calculations(text) is not None
+            if reason is None:
+                reason = task.check_solution(text, row)
+            key = (normalize_text(task.prompt(row)), solution_key(text))
+            if reason is None and key in seen:
+                reason = "duplicate"
+            if reason:
+                rejected.append({"parent_id": row["id"], "reason": f"solution_{reason}", "text": text})
+                continue
+            seen.add(key)
+            accepted.append({**{name: row[name] for name in task.input_fields}, task.target_field: text,
+                             "id": f"sol{iteration}-{row['id']}-{j}", "provenance": {
+                                 "parent_id": row["id"], "iteration": iteration, "mode": "solution",
+                                 "teacher_model": cfg.teacher_model, "cache_key": result["cache_key"], "sample": j}})
+        covered += bool(unique)
+        unique_total += len(unique)
+    metrics = {}
+    if problems:
+        metrics = {"k": k, "n_solutions": sampled, "n_answer_correct": len(correct),
+                   "coverage_at_k": covered / problems, "diversity_at_k": unique_total / problems,
+                   "fpr_estimate": calc_failures / len(correct) if correct else None}
+        if cfg.judge_url:
+            metrics.update(judge_solutions(task, correct, cfg))
+    return accepted, rejected, usage, metrics
+
+
+SAMPLING_SHOWN = ("coverage_at_k", "diversity_at_k", "fpr_estimate", "fpr_judge")
+VERDICT_RE = re.compile(r"[*_`\s]*verdict[*_`\s]*:[*_`\s]*(sound|unsound)[*_`.\s]*", re.I)
+
+
+def parse_verdict(text):
+    """True (sound), False (unsound) or None: the reply's last non-empty line must be "VERDICT: SOUND" or
+    "VERDICT: UNSOUND" (markdown emphasis and case aside); anything else is not counted."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    match = VERDICT_RE.fullmatch(lines[-1]) if lines else None
+    return None if match is None else match[1].lower() == "sound"
+
+
+def judge_messages(task, row, solution):
+    path = PROMPTS_DIR / "judge.txt"
+    if not path.exists():
+        raise TaskError(f"{path}: prompt file missing; restore it from the repository")
+    sections = read_prompt_file(str(path))
+    values = {"problem": task.prompt(row), "solution": solution, "gold": task.gold(row)}
+    return [{"role": "system", "content": tasks_fill(sections["system"], values, path)},
+            {"role": "user", "content": tasks_fill(sections["user"], values, path)}]
+
+
+def judge_solutions(task, correct, cfg):
+    """fpr_judge and the judge's counts and tokens, for the answer-correct solutions [(seed row, solution)]. The
+    judge has its own client and cache (<out>/judge_cache), so a resumed run asks it nothing twice."""
+    # the judge's budget, like the teacher's, counts what finished iterations used, so a resumed run stops where an
+    # uninterrupted one does (this iteration's cached replies count again as they are read)
+    spent = sum(m.get("judge_prompt_tokens", 0) + m.get("judge_completion_tokens", 0)
+                for m in load_metrics(cfg.out).values())
+    judge = Teacher(cfg.judge_url, cfg.judge_model, api_key_env=cfg.teacher_key_env,
+                    cache_dir=os.path.join(cfg.out, "judge_cache"), workers=cfg.teacher_workers,
+                    timeout=cfg.teacher_timeout, temperature=0.0, max_tokens=cfg.teacher_max_tokens, seed=cfg.seed,
+                    budget_tokens=cfg.judge_budget_tokens, budget_spent=spent)
+    results = judge.chat_many([{"messages": judge_messages(task, row, text)} for row, text in correct])
+    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
+    if failed:
+        raise RunError(f"the judge failed on {len(failed)} of {len(results)} requests (first: {failed[0]}). Its "
+                       f"finished replies are cached.")
+    answered = [r for r in results if not r["error"]]
+    if len(answered) < len(results):
+        print(f"judge: token budget of {cfg.judge_budget_tokens} spent; {len(results) - len(answered)} "
+              f"answer-correct solutions not judged")
+    verdicts = [parse_verdict(r["choices"][0]["text"]) for r in answered]
+    unique = {r["cache_key"]: r for r in answered}.values()
+    sound, unsound = verdicts.count(True), verdicts.count(False)
+    return {"judge_sound": sound, "judge_unsound": unsound, "judge_unparseable": verdicts.count(None),
+            "judge_unjudged": len(results) - len(answered),
+            "fpr_judge": unsound / (sound + unsound) if sound + unsound else None,
+            "judge_prompt_tokens": sum(r["prompt_tokens"] or 0 for r in unique),
+            "judge_completion_tokens": sum(r["completion_tokens"] or 0 for r in unique)}
+
+
+# -----------------------------------------------------------------------------
+# Teacher cost. A teacher is paid in compute or in money, and both are linear in tokens: a forward pass costs about
+# 2 * params FLOPs per token, prompt and completion alike, and an API bills prompt and completion tokens at their own
+# prices. So every cost is a function of the prompt and completion tokens the run used, which the metrics record per
+# iteration (cached replies included): a FLOPs or dollar budget stops, and resumes, exactly as the token budget does.
+
+def count_parameters(name):
+    """The parameter count of a model folder or Hugging Face id, from its config alone: the model is built on the
+    meta device, so no weight is read or allocated; tied weights count once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def teacher_flops(cfg, prompt_tokens, completion_tokens):
+    """2 * params * tokens, or None when the teacher's size is unknown (an endpoint without --teacher-params)."""
+    return None if cfg.teacher_params is None else 2 * cfg.teacher_params * (prompt_tokens + completion_tokens)
+
+
+def teacher_cost_usd(cfg, prompt_tokens, completion_tokens):
+    """Dollars at --teacher-price-in/-out (per million tokens), or None without prices."""
+    if cfg.teacher_price_in is None:
+        return None
+    return (prompt_tokens * cfg.teacher_price_in + completion_tokens * cfg.teacher_price_out) / 1e6
+
+
+def reached(used, budget):
+    # a budget a user wrote as the cost of N replies must stop after N, whatever the float rounding of the sums
+    return used >= budget * (1 - 1e-9)
+
+
+def budgets_spent(cfg, prompt_tokens, completion_tokens):
+    """The budgets the given usage has reached, as words for the stop message."""
+    spent = []
+    if cfg.teacher_budget_tokens is not None and prompt_tokens + completion_tokens >= cfg.teacher_budget_tokens:
+        spent.append(f"teacher token budget of {cfg.teacher_budget_tokens}")
+    if cfg.teacher_budget_flops is not None and reached(teacher_flops(cfg, prompt_tokens, completion_tokens),
+                                                        cfg.teacher_budget_flops):
+        spent.append(f"teacher FLOPs budget of {cfg.teacher_budget_flops:.4g}")
+    if cfg.teacher_budget_usd is not None and reached(teacher_cost_usd(cfg, prompt_tokens, completion_tokens),
+                                                      cfg.teacher_budget_usd):
+        spent.append(f"teacher budget of ${cfg.teacher_budget_usd:g}")
+    return spent
+
+
+def resolve_teacher_cost(cfg):
+    """Check the cost flags and fill in the embedded teacher's parameter count (so config.json records it). Returns
+    a line describing the cost accounting, for the start of the run."""
+    for name in ("teacher_params", "teacher_price_in", "teacher_price_out", "teacher_budget_flops",
+                 "teacher_budget_usd"):
+        value = getattr(cfg, name)
+        if value is not None and (value != value or value < 0 or (name == "teacher_params" and value == 0)):
+            least = "positive" if name == "teacher_params" else "zero or more"
+            raise RunError(f"--{name.replace('_', '-')} must be {least}, got {value}")
+    if (cfg.teacher_price_in is None) != (cfg.teacher_price_out is None):
+        raise RunError("give both --teacher-price-in and --teacher-price-out (USD per million prompt and completion "
+                       "tokens; 0 for a side that is free)")
+    if cfg.teacher_budget_usd is not None and cfg.teacher_price_in is None:
+        raise RunError("--teacher-budget-usd needs the teacher's prices: pass --teacher-price-in and "
+                       "--teacher-price-out (USD per million prompt and completion tokens)")
+    if cfg.teacher_params is None and not cfg.teacher_url and (cfg.iterations > 0 or cfg.teacher_budget_flops):
+        try:  # the embedded teacher: its size is in its config
+            cfg.teacher_params = count_parameters(cfg.teacher_model)
+        except (OSError, ValueError, KeyError) as e:
+            if cfg.teacher_budget_flops is not None:
+                raise RunError(f"--teacher-budget-flops: could not count the parameters of the teacher "
+                               f"{cfg.teacher_model} ({str(e).splitlines()[0]}); pass --teacher-params N") from None
+            print(f"note: could not count the parameters of the teacher {cfg.teacher_model}, so teacher FLOPs are "
+                  f"not reported; pass --teacher-params N")
+    if cfg.teacher_budget_flops is not None and cfg.teacher_params is None:
+        raise RunError("--teacher-budget-flops needs the teacher's parameter count, which an endpoint does not tell: "
+                       "pass --teacher-params N (e.g. 7e9)")
+    parts = [f"2 x {cfg.teacher_params:.4g} params = {2 * cfg.teacher_params:.4g} FLOPs per token"
+             if cfg.teacher_params is not None else "FLOPs not reported (no --teacher-params)"]
+    if cfg.teacher_price_in is not None:
+        parts.append(f"${cfg.teacher_price_in:g} / ${cfg.teacher_price_out:g} per million prompt / completion tokens")
+    budgets = [f"{cfg.teacher_budget_tokens} tokens" if cfg.teacher_budget_tokens is not None else None,
+               f"{cfg.teacher_budget_flops:.4g} FLOPs" if cfg.teacher_budget_flops is not None else None,
+               f"${cfg.teacher_budget_usd:g}" if cfg.teacher_budget_usd is not None else None]
+    budgets = [b for b in budgets if b]
+    return "teacher cost: " + "; ".join(parts) + ("; budget " + ", ".join(budgets) if budgets else "")
 
 
 # -----------------------------------------------------------------------------
@@ -311,11 +589,18 @@ def resolve_precision(cfg, device):
     return precision
 
 
-def prompt_hashes(task):
+def prompt_hashes(task, cfg=None):
     """sha256 of each prompt file the task sends to the teacher: an edit changes what the teacher is asked."""
-    path = PROMPTS_DIR / task.prompt_file
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-    return {f"prompts/{task.prompt_file}": digest}
+    names = [task.prompt_file]
+    if cfg is not None and (cfg.teacher_mode != "questions" or cfg.verify):
+        names.append(task.prompt_file.replace(".txt", "_solve.txt"))
+    if cfg is not None and cfg.judge_url:
+        names.append("judge.txt")
+    hashes = {}
+    for name in names:
+        path = PROMPTS_DIR / name
+        hashes[f"prompts/{name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return hashes
 
 
 def prepare_run_dir(cfg, recorded):
@@ -327,8 +612,11 @@ def prepare_run_dir(cfg, recorded):
     if os.path.exists(config_path):
         with open(config_path) as f:
             old = json.load(f)
-        differs = [f"--{k.replace('_', '-')}: {old.get(k)!r} then, {v!r} now" for k, v in config.items()
-                   if k not in RESUME_NEUTRAL and k not in recorded and old.get(k) != v]
+        # a run started before the teacher's size was recorded had the size counted now (it is derived, not chosen)
+        old.setdefault("teacher_params", config["teacher_params"])
+        defaults = {f.name: f.default for f in fields(Config)}  # a flag added since that run had its default
+        differs = [f"--{k.replace('_', '-')}: {old.get(k, defaults.get(k))!r} then, {v!r} now" for k, v in config.items()
+                   if k not in RESUME_NEUTRAL and k not in recorded and old.get(k, defaults.get(k)) != v]
         # runs started before these were recorded have no entry, and nothing to compare with
         if old.get("precision_used", recorded["precision_used"]) != recorded["precision_used"]:
             differs.append(f"precision: {old['precision_used']} then, {recorded['precision_used']} now (from --device "
@@ -383,6 +671,30 @@ def load_metrics(out):
     return {m["iteration"]: m for m in rows}
 
 
+def check_teacher_mode(cfg, task):
+    """Refuse, before any training, a --teacher-mode, --verify or judge the task cannot use."""
+    if cfg.teacher_mode not in TEACHER_MODES:
+        raise RunError(f"--teacher-mode must be one of {', '.join(TEACHER_MODES)}, got {cfg.teacher_mode!r}")
+    if cfg.teacher_mode != "questions" and not task.supports_solutions():
+        raise RunError(f"--teacher-mode {cfg.teacher_mode} does not apply to task {task.name}: its answers are labels, "
+                       f"with no reasoning to sample and grade. Use --teacher-mode questions (the default).")
+    if cfg.samples_per_wrong < 1:
+        raise RunError(f"--samples-per-wrong must be positive, got {cfg.samples_per_wrong}")
+    if cfg.verify < 0:
+        raise RunError(f"--verify must be 0 (off) or positive, got {cfg.verify}")
+    if cfg.verify and not task.rationale:
+        raise RunError(f"--verify checks new GSM8K-style problems by solving them; task {task.name} has none")
+    if cfg.verify and cfg.teacher_mode == "solutions":
+        raise RunError("--verify checks new questions, and --teacher-mode solutions writes none: use "
+                       "--teacher-mode both or questions")
+    if cfg.judge_budget_tokens is not None and (cfg.judge_budget_tokens < 1 or not cfg.judge_url):
+        raise RunError(f"--judge-budget-tokens must be positive and needs --judge-url, got {cfg.judge_budget_tokens}")
+    if bool(cfg.judge_url) != bool(cfg.judge_model):
+        raise RunError("a judge needs both --judge-url and --judge-model")
+    if cfg.judge_url and cfg.teacher_mode == "questions":
+        raise RunError("--judge-url rates sampled solutions: use it with --teacher-mode solutions or both")
+
+
 def check_teacher(cfg):
     """Fail fast, before any training, on a teacher endpoint that cannot work. The embedded server (no URL) has
     nothing to check until it starts."""
@@ -403,13 +715,16 @@ class LazyTeacher:
     """The teacher client. Without a teacher URL, the embedded server (and the teacher model) starts only when a
     request the cache cannot answer needs it: a resumed iteration whose replies are all cached loads no teacher."""
 
-    def __init__(self, cfg, device, budget_spent):
+    def __init__(self, cfg, device, spent_split):
         self.cfg, self.device, self.server = cfg, device, None
+        over = (lambda p, c: bool(budgets_spent(cfg, p, c))) if (
+            cfg.teacher_budget_flops is not None or cfg.teacher_budget_usd is not None) else None
         self.client = Teacher(cfg.teacher_url or self._start_embedded, cfg.teacher_model,
                               api_key_env=cfg.teacher_key_env,
                               cache_dir=cfg.teacher_cache or os.path.join(cfg.out, "teacher_cache"),
                               workers=cfg.teacher_workers, timeout=cfg.teacher_timeout,
-                              budget_tokens=cfg.teacher_budget_tokens, budget_spent=budget_spent,
+                              budget_tokens=cfg.teacher_budget_tokens, budget_spent=sum(spent_split),
+                              budget_over=over, spent_split=spent_split,
                               temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
 
     def _start_embedded(self):
@@ -452,9 +767,16 @@ def _run(cfg, device):
             raise RunError(f"--train-steps must be positive, got {cfg.train_steps}")
         if cfg.augment not in AUGMENT_CHOICES:
             raise RunError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {cfg.augment!r}")
-        recorded = {"precision_used": resolve_precision(cfg, device), "prompt_sha256": prompt_hashes(task)}
+        check_teacher_mode(cfg, task)
+        recorded = {"precision_used": resolve_precision(cfg, device), "prompt_sha256": prompt_hashes(task, cfg)}
         cfg.teacher_url = cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
         check_teacher(cfg)
+        cost_line = resolve_teacher_cost(cfg)
+        if cfg.judge_url and cfg.iterations:
+            try:
+                check_reachable(cfg.judge_url, cfg.teacher_key_env)
+            except RuntimeError as e:
+                raise RunError(f"--judge-url: {e}")
         train_rows = task.load("train", cfg.data_dir)
         test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
         if not train_rows:
@@ -462,6 +784,8 @@ def _run(cfg, device):
         prepare_run_dir(cfg, recorded)
         print("config:", json.dumps(asdict(cfg)))
         print(f"device {device}, precision {recorded['precision_used']}")
+        if cfg.iterations > 0:
+            print(cost_line)
         if dist.active():
             print(f"distributed: {dist.describe()}" + (", base model sharded (FSDP2)" if cfg.fsdp else ""))
         elif cfg.fsdp:
@@ -473,15 +797,21 @@ def _run(cfg, device):
                                                seed=cfg.seed))
         seed_rows = read_jsonl(seed_path)
         print(f"{task.name}: {len(seed_rows)} seed examples of {len(train_rows)} train rows, {len(test_rows)} test "
-              f"rows, {cfg.iterations} iterations, {cfg.aug_per_wrong} new example(s) per wrong seed")
+              f"rows, {cfg.iterations} iterations, " + {
+                  "questions": f"{cfg.aug_per_wrong} new example(s) per wrong seed",
+                  "solutions": f"{cfg.samples_per_wrong} teacher solutions sampled per wrong seed",
+                  "both": f"{cfg.aug_per_wrong} new example(s) and {cfg.samples_per_wrong} teacher solutions "
+                          f"sampled per wrong seed"}[cfg.teacher_mode] + (f", each new problem verified by "
+                                                                          f"{cfg.verify} solutions" if cfg.verify
+                                                                          else ""))
         return task, cfg.out, cfg.seed_frac, cfg.teacher_url, seed_rows, test_rows, load_metrics(cfg.out)
 
     task, cfg.out, cfg.seed_frac, cfg.teacher_url, seed_rows, test_rows, metrics = dist.from_rank0(setup)
     model, tokenizer = load_student(cfg, device)
-    # the token budget counts what finished iterations used, so a resumed run stops where an uninterrupted one does
-    teacher = LazyTeacher(cfg, device, budget_spent=sum(m.get("teacher_prompt_tokens", 0) +
-                                                        m.get("teacher_completion_tokens", 0)
-                                                        for m in metrics.values())) if dist.is_main() else None
+    # the budgets count what finished iterations used, so a resumed run stops where an uninterrupted one does
+    teacher = LazyTeacher(cfg, device, spent_split=(sum(m.get("teacher_prompt_tokens", 0) for m in metrics.values()),
+                                                    sum(m.get("teacher_completion_tokens", 0)
+                                                        for m in metrics.values()))) if dist.is_main() else None
     data = seed_rows  # on rank 0; the other ranks receive each iteration's rows
 
 
@@ -503,6 +833,8 @@ def _run(cfg, device):
                 if dist.is_main():
                     append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
                     print(render_table(list(metrics.values())))
+                    if "k" in row:
+                        print(render_sampling_table(list(metrics.values())))
             row = metrics[i]
             if row["n_wrong"] == 0:
                 print(f"no seed example is wrong after iteration {i}: stopping early")
@@ -596,7 +928,8 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
         stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
                       max_steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
                       micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=cfg.seed + i,
-                      max_seq_len=cfg.max_seq_len, checkpoint_path=checkpoint_path)
+                      max_seq_len=cfg.max_seq_len, checkpoint_path=checkpoint_path,
+                      grad_checkpoint=cfg.grad_checkpoint, compile=cfg.compile)
         stats = {k: stats[k] for k in ("steps", "epochs", "train_tokens", "train_seconds", "final_loss")}
 
         def save():  # rank 0: every rank holds the same adapter
@@ -622,7 +955,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
         by_id = {p["id"]: p for p in seed_preds}
         wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
         warn_if_undertrained(i, len(seed_rows) - len(wrong), len(seed_rows), stats, cfg)
-        accepted, rejected, unsatisfied, stopped, parents = [], [], [], None, []
+        accepted, rejected, unsatisfied, stopped, parents, sampling = [], [], [], None, [], {}
         t0 = time.time()
         aug_path, rejected_path = (os.path.join(step_dir, "augmented.jsonl"),
                                    os.path.join(step_dir, "rejected.jsonl"))
@@ -632,8 +965,17 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
             if not client.budget_exhausted:
                 requests_before = client.requests
                 parents = choose_parents(cfg, seed_rows, wrong, i)
-                accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i,
-                                                                 cfg)
+                if cfg.teacher_mode != "solutions":
+                    accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i,
+                                                                     cfg)
+                if cfg.teacher_mode != "questions" and not client.budget_exhausted:
+                    solved, bad, solve_usage, sampling = sample_solutions(task, client, parents, data + accepted, i,
+                                                                          cfg)
+                    accepted, rejected = accepted + solved, rejected + bad
+                    usage.update(solve_usage)
+                    print(f"solutions: {len(solved)} kept of {sampling.get('n_solutions', 0)} sampled; " +
+                          ", ".join(f"{name} {sampling[name]:.3f}" for name in SAMPLING_SHOWN
+                                    if sampling.get(name) is not None))
                 print(f"teacher: {len(accepted)} new examples from {len(parents)} seeds ({len(wrong)} wrong, "
                       f"--augment {cfg.augment}), {len(rejected)} rejected, {client.requests - requests_before} "
                       f"HTTP requests for {usage['replies']} replies (the rest from the cache)")
@@ -641,7 +983,7 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
                     print(f"{len(unsatisfied)} seed example(s) got no acceptable new example after "
                           f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
             if client.budget_exhausted:
-                stopped = f"teacher token budget of {cfg.teacher_budget_tokens} spent"
+                stopped = " and ".join(budgets_spent(cfg, client.prompt_used, client.completion_used)) + " spent"
         write_jsonl(rejected_path, rejected)
         write_jsonl(aug_path, accepted)
         teacher_seconds = time.time() - t0
@@ -652,9 +994,11 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
                 "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
                 "teacher_prompt_tokens": usage["prompt"], "teacher_completion_tokens": usage["completion"],
                 "teacher_requests": usage["replies"],
+                "teacher_flops": teacher_flops(cfg, usage["prompt"], usage["completion"]),
+                "teacher_cost_usd": teacher_cost_usd(cfg, usage["prompt"], usage["completion"]),
                 "train_tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"],
                 "final_loss": stats["final_loss"], "eval_seconds": eval_seconds,
-                "teacher_seconds": teacher_seconds, "stopped": stopped}
+                "teacher_seconds": teacher_seconds, "stopped": stopped, **sampling}
 
     return dist.from_rank0(ask_teacher)
 
@@ -668,6 +1012,9 @@ def main(argv=None):
     try:
         if argv[:1] == ["serve"]:
             return serve_main(argv[1:])
+        if argv[:1] == ["compare-teachers"]:
+            from compare_teachers import main as compare_teachers_main  # drives run() too
+            return compare_teachers_main(argv[1:])
         if argv[:1] == ["compare"]:
             from compare import main as compare_main  # compare.py drives this file's run(), so it is imported late
             return compare_main(argv[1:])

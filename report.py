@@ -97,6 +97,12 @@ def load_run(run_dir):
 # did not record (older runs, no test set) print as "-" rather than failing the whole report.
 
 COLUMNS = ["iter", "train", "wrong", "augmented", "rejected", "seed acc", "test acc", "teacher tok", "time"]
+# shown only for runs that recorded them: FLOPs need the teacher's size, dollars its prices
+COST_COLUMNS = {"teacher FLOPs": "teacher_flops", "teacher USD": "teacher_cost_usd"}
+
+
+def columns(metrics):
+    return COLUMNS + [name for name, key in COST_COLUMNS.items() if any(m.get(key) is not None for m in metrics)]
 
 
 def _pct(fraction):
@@ -120,6 +126,12 @@ def _duration(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _cost(value, key):
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.3g}" if key == "teacher_flops" else f"{value:.4f}"
+
+
 def _sum_known(row, keys):
     values = [row.get(k) for k in keys if isinstance(row.get(k), (int, float))]
     return sum(values) if values else None
@@ -136,8 +148,8 @@ def rejected_cell(row):
 
 
 def table_cells(metrics):
-    """One list of display strings per iteration, in COLUMNS order."""
-    rows = []
+    """One list of display strings per iteration, in columns(metrics) order."""
+    rows, cost = [], [COST_COLUMNS[name] for name in columns(metrics)[len(COLUMNS):]]
     for m in metrics:
         tokens = _sum_known(m, ["teacher_prompt_tokens", "teacher_completion_tokens"])
         rows.append([
@@ -150,14 +162,14 @@ def table_cells(metrics):
             _pct(m.get("test_acc")),
             _count(tokens),
             _duration(_sum_known(m, ["train_seconds", "eval_seconds", "teacher_seconds"])),
-        ])
+        ] + [_cost(m.get(key), key) for key in cost])
     return rows
 
 
 def render_table(metrics):
     """Fixed-width plain-text table; columns are separated by at least two spaces."""
-    rows = [COLUMNS] + table_cells(metrics)
-    widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
+    rows = [columns(metrics)] + table_cells(metrics)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     left_aligned = {COLUMNS.index("rejected")}  # free text; everything else is a number and reads best right-aligned
 
     def line(cells):
@@ -165,6 +177,32 @@ def render_table(metrics):
                          for c, (cell, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(rows[0]), line(["-" * w for w in widths])] + [line(r) for r in rows[1:]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampled solutions (--teacher-mode solutions/both): coverage@k, diversity@k and false-positive estimates, one row
+# per iteration that sampled any. A separate table, so runs without solutions read exactly as before.
+
+SAMPLING_COLUMNS = ["iter", "k", "solutions", "answer-correct", "coverage@k", "diversity@k", "FPR (notes)",
+                    "FPR (judge)"]
+
+
+def sampling_cells(metrics):
+    return [[str(m["iteration"]), _count(m.get("k")), _count(m.get("n_solutions")), _count(m.get("n_answer_correct")),
+             _pct(m.get("coverage_at_k")),
+             f"{m['diversity_at_k']:.2f}" if isinstance(m.get("diversity_at_k"), (int, float)) else "-",
+             _pct(m.get("fpr_estimate")), _pct(m.get("fpr_judge"))] for m in metrics if "k" in m]
+
+
+def render_sampling_table(metrics):
+    """The plain-text table of sampled solutions, or "" when no iteration sampled any."""
+    rows = sampling_cells(metrics)
+    if not rows:
+        return ""
+    rows = [SAMPLING_COLUMNS] + rows
+    widths = [max(len(r[c]) for r in rows) for c in range(len(SAMPLING_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,8 +380,9 @@ def _header(run):
 
 
 def _markdown_table(metrics):
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---" if c == "rejected" else "---:" for c in COLUMNS) + "|"]
+    names = columns(metrics)
+    lines = ["| " + " | ".join(names) + " |",
+             "|" + "|".join("---" if c == "rejected" else "---:" for c in names) + "|"]
     for cells in table_cells(metrics):
         lines.append("| " + " | ".join(md_escape(cell) for cell in cells) + " |")
     return lines
@@ -356,8 +395,19 @@ def render_markdown(run):
     lines += _markdown_table(run["metrics"])
     lines += ["", "*wrong* counts the seed examples this iteration's student gets wrong; *augmented* and *rejected* "
                   "count the teacher rows written from them (accepted rows join the next iteration's training data); "
-                  "*teacher tok* is prompt + completion tokens; *time* is train + eval + teacher time.",
-              "", "![seed and test accuracy per iteration](report.svg)", "",
+                  "*teacher tok* is prompt + completion tokens; *time* is train + eval + teacher time." +
+              (" *teacher FLOPs* is 2 x the teacher's parameters x its tokens, *teacher USD* its tokens at the "
+               "given prices per million." if len(columns(run["metrics"])) > len(COLUMNS) else ""),
+              ""]
+    sampled = sampling_cells(run["metrics"])
+    if sampled:
+        lines += ["## Sampled solutions", "", "| " + " | ".join(SAMPLING_COLUMNS) + " |",
+                  "|" + "---:|" * len(SAMPLING_COLUMNS)] + ["| " + " | ".join(r) + " |" for r in sampled]
+        lines += ["", "*coverage@k*: share of the problems sent with at least one answer-correct solution among k; "
+                      "*diversity@k*: mean number of distinct answer-correct solutions per problem; *FPR (notes)*: "
+                      "share of answer-correct solutions with a wrong <<a*b=c>> calculator note (a lower bound); "
+                      "*FPR (judge)*: share the judge rated unsound.", ""]
+    lines += ["![seed and test accuracy per iteration](report.svg)", "",
               "## Seed examples fixed by the loop", ""]
     if wrong_to_right:
         n = len(wrong_to_right)
@@ -388,7 +438,8 @@ def write_report(run_dir):
     title = f"llm2llm: accuracy per iteration ({task})" if task else "llm2llm: accuracy per iteration"
     _write_atomic(run["run_dir"] / "report.svg", render_svg(run["metrics"], title=title))
     _write_atomic(run["run_dir"] / "report.md", render_markdown(run))
-    return render_table(run["metrics"])
+    sampling = render_sampling_table(run["metrics"])
+    return render_table(run["metrics"]) + ("\n\n" + sampling if sampling else "")
 
 
 if __name__ == "__main__":

@@ -551,6 +551,56 @@ class Task:
         return None
 
 
+    # --- solutions (--teacher-mode solutions) ------------------------------------------------------------
+    # The teacher solves a seed problem itself; its solution becomes a training target for the same question.
+    # Only tasks whose answer can carry reasoning (a number, or an exact string) have solutions to sample.
+    def supports_solutions(self):
+        return self.answer_type != "label"
+
+    def solve_messages(self, row):
+        """The messages asking the teacher to solve `row` (its gold answer is never shown)."""
+        path = PROMPTS_DIR / self.prompt_file.replace(".txt", "_solve.txt")
+        if not path.exists():
+            raise TaskError(f"{path}: prompt file missing; restore it from the repository")
+        sections = read_prompt_file(str(path))
+        values = {k: row.get(k, "") for k in self.input_fields}
+        values.update(problem=self.prompt(row), labels=self.label_text())
+        return [{"role": "system", "content": fill(sections["system"], values, path)},
+                {"role": "user", "content": fill(sections["user"], values, path)}]
+
+    def parse_solution(self, text, truncated=False):
+        """(solution text, None) from a teacher's reply, or (raw text, reason). A GSM8K solution ends at its first
+        "####" line; an opening "Solution:" or "Answer:" is dropped."""
+        text = re.sub(r"^\s*(?:\*\*)?(?:solution|answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", "", str(text),
+                      flags=re.I).strip()
+        if self.rationale:
+            text = re.sub(r"(?m)^[ \t]*####", "####", text)
+            final = re.search(r"####[^\n]*", text)
+            if final and not (truncated and final.end() == len(text)):  # "#### 12" cut to "#### 1" is no answer
+                return text[:final.end()].strip(), None
+        if not text:
+            return text, "empty"
+        if truncated:  # cut off by max_tokens before its answer
+            return text, "truncated"
+        return text, None
+
+    def check_solution(self, text, row):
+        """None if the solution answers `row` correctly with sound-looking working, else a short reason:
+        wrong_answer, no_working (GSM8K: nothing before "####"), bad_calculation (a wrong <<a*b=c>> note)."""
+        if not self.is_correct(text, row):
+            return "wrong_answer"
+        if self.rationale and not WORKING_RE.search(text.split("####")[0]):
+            return "no_working"
+        return check_calculations(text)
+
+
+def solution_key(text):
+    """A solution with its whitespace collapsed and every number written canonically ("1,000" -> "1000",
+    "3.50" -> "3.5", "$4" -> "4"): two solutions with the same key are duplicates."""
+    text = NUMBER_RE.sub(lambda m: " " * m[0][:1].isspace() + format_number(_number_value(m)), str(text))
+    return " ".join(text.split())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The built-in tasks.
 

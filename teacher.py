@@ -10,8 +10,9 @@ only code that talks to it. It is plain HTTP (requests) plus a thread pool, buil
     still works on the abandoned ones;
   * a content-addressed on-disk cache, so rerunning or resuming an experiment never repeats a paid call, and a
     run whose replies are all cached never needs the endpoint (the URL may be a function called on first need);
-  * token and request accounting, and an optional token budget that counts every reply used, cached or new, so a
-    resumed run stops where an uninterrupted one does.
+  * token and request accounting, and an optional budget (in tokens, or in any unit computed from the prompt and
+    completion tokens, such as FLOPs or dollars) that counts every reply used, cached or new, so a resumed run
+    stops where an uninterrupted one does.
 
 Usage:
 
@@ -56,6 +57,15 @@ def cache_key(model, messages, temperature, top_p, max_tokens, n, seed, sample):
               "max_tokens": max_tokens, "n": n, "seed": seed, "sample": sample}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def job_seed(seed, messages, sample):
+    """The seed sent with one job: a stable hash of the run seed, the job's messages and its sample index. Jobs of
+    one ask (different seed examples) get unrelated random streams, and a resumed run sends the same seed for the same
+    job. 31 bits, which every server accepts."""
+    canonical = json.dumps({"seed": seed, "messages": messages, "sample": sample}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return int(hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def _cache_path(cache_dir, key):
@@ -182,14 +192,16 @@ class Teacher:
       requests                          -- real HTTP requests sent (retries included, cache hits excluded)
       tokens_used                       -- budget_spent plus the tokens of every reply returned, cached or new:
                                            what the budget counts, so a resumed run spends as an uninterrupted one
-      budget_exhausted                  -- True once tokens_used reached budget_tokens; new requests are refused
+      prompt_used, completion_used      -- the same, split into prompt and completion tokens (from spent_split)
+      budget_exhausted                  -- True once tokens_used reached budget_tokens, or once budget_over
+                                           (prompt_used, completion_used) is true; new requests are refused
       concurrency                       -- requests allowed in flight: `workers`, halved after a timeout
     With several workers the budget can be overshot by the replies already in flight when it runs out.
     """
 
     def __init__(self, url, model, *, api_key_env="OPENAI_API_KEY", cache_dir=None, workers=4, max_attempts=6,
-                 timeout=300.0, budget_tokens=None, budget_spent=0, temperature=0.7, top_p=1.0, max_tokens=1024,
-                 seed=0, backoff=1.0, max_backoff=30.0):
+                 timeout=300.0, budget_tokens=None, budget_spent=0, budget_over=None, spent_split=(0, 0),
+                 temperature=0.7, top_p=1.0, max_tokens=1024, seed=0, backoff=1.0, max_backoff=30.0):
         if max_attempts < 1 or workers < 1:
             raise ValueError("Teacher needs workers >= 1 and max_attempts >= 1")
         self.url = url.rstrip("/") if isinstance(url, str) else None
@@ -202,12 +214,15 @@ class Teacher:
         self.max_attempts = max_attempts
         self.timeout = timeout
         self.budget_tokens = budget_tokens
+        # a budget in another unit (FLOPs, dollars): a function of the prompt and completion tokens used so far
+        self.budget_over = budget_over
         self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
         self.backoff, self.max_backoff = backoff, max_backoff
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.requests = 0
         self.tokens_used = budget_spent
+        self.prompt_used, self.completion_used = spent_split
         self.concurrency = workers
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -220,7 +235,8 @@ class Teacher:
 
     @property
     def budget_exhausted(self):
-        return self.budget_tokens is not None and self.tokens_used >= self.budget_tokens
+        return (self.budget_tokens is not None and self.tokens_used >= self.budget_tokens) or (
+            self.budget_over is not None and bool(self.budget_over(self.prompt_used, self.completion_used)))
 
     # -- public -------------------------------------------------------------
 
@@ -267,9 +283,10 @@ class Teacher:
             "max_tokens": job.get("max_tokens", self.max_tokens),
             "n": int(job.get("n", 1)),
         }
-        # The seed sent is seed + sample, so samples differ from each other yet are reproducible. Servers that
-        # ignore seeds still get distinct cache keys through `sample`.
-        seed = None if self.seed is None else self.seed + sample
+        # Each job gets its own seed from the run seed, its messages and its sample index, so samples differ from
+        # each other (across seed examples and asks) yet are reproducible. Servers that ignore seeds still get
+        # distinct cache keys through `sample`.
+        seed = None if self.seed is None else job_seed(self.seed, job["messages"], sample)
         payload = {"model": self.model, "messages": job["messages"], **params}
         if params["n"] == 1:
             del payload["n"]  # some servers reject n; only send it when it matters
@@ -340,17 +357,53 @@ class Teacher:
             pt, ct = entry.get("prompt_tokens", 0) or 0, entry.get("completion_tokens", 0) or 0
             with self._lock:
                 self.tokens_used += pt + ct
+                self.prompt_used += pt
+                self.completion_used += ct
             return dict(result, choices=entry["choices"], prompt_tokens=pt, completion_tokens=ct, cached=True)
 
+        # Servers differ on n: llama.cpp's answers n=2 with one choice and no error. The missing choices are asked
+        # for again, each top-up with its own seed (derived from the job's seed and the round), so k means k on
+        # every server. A server that sends more than asked is cut to n. At most n requests: each adds a choice.
+        want = payload.get("n", 1)
+        choices, pt, ct, attempts = [], 0, 0, 0
+        for round_ in range(want):
+            ask = dict(payload)
+            if round_:
+                missing = want - len(choices)
+                ask.pop("n", None)
+                if missing > 1:
+                    ask["n"] = missing
+                if "seed" in ask:
+                    ask["seed"] = job_seed(ask["seed"], payload["messages"], f"top-up {round_}")
+            got, p, c, tries, error = self._post(ask)
+            attempts += tries
+            pt, ct = pt + p, ct + c
+            if error is not None:
+                return dict(result, error=error, attempts=attempts, prompt_tokens=pt, completion_tokens=ct)
+            choices += got
+            if len(choices) >= want:
+                break
+        choices = choices[:want]
+        if self.cache_dir:  # the request is stored beside the reply so a cache file is auditable
+            try:
+                _write_cache(self.cache_dir, key, {"request": payload, "choices": choices,
+                                                   "prompt_tokens": pt, "completion_tokens": ct})
+            except OSError as e:  # a full disk must not throw away a reply that was paid for
+                tqdm.write(f"warning: could not cache a teacher reply in {self.cache_dir}: {e}")
+        return dict(result, choices=choices, prompt_tokens=pt, completion_tokens=ct, attempts=attempts)
+
+    def _post(self, payload):
+        """One request with retries: (choices, prompt_tokens, completion_tokens, attempts, error or None)."""
         last_error = "no attempt made"
+        attempts = 0
         for attempt in range(1, self.max_attempts + 1):
             limit_when_sent = self._acquire_slot()
             timed_out = False
             try:
                 if self.budget_exhausted:
-                    return dict(result, error=BUDGET_SPENT)
+                    return [], 0, 0, attempts, BUDGET_SPENT
                 url = self._endpoint()
-                result["attempts"] = attempt
+                attempts = attempt
                 retry_after = None
                 with self._lock:
                     self.requests += 1
@@ -363,7 +416,7 @@ class Teacher:
                     requests.exceptions.ContentDecodingError) as e:  # dropped connections
                 last_error = f"{type(e).__name__}: {e}"
             except requests.RequestException as e:  # a bad URL and the like: asking again cannot help
-                return dict(result, error=self._scrub(f"request failed: {type(e).__name__}: {e}"))
+                return [], 0, 0, attempts, self._scrub(f"request failed: {type(e).__name__}: {e}")
             else:
                 if resp.status_code == 200:
                     try:
@@ -375,18 +428,14 @@ class Teacher:
                             self.prompt_tokens += pt
                             self.completion_tokens += ct
                             self.tokens_used += pt + ct
-                        if self.cache_dir:  # the request is stored beside the reply so a cache file is auditable
-                            try:
-                                _write_cache(self.cache_dir, key, {"request": payload, "choices": choices,
-                                                                   "prompt_tokens": pt, "completion_tokens": ct})
-                            except OSError as e:  # a full disk must not throw away a reply that was paid for
-                                tqdm.write(f"warning: could not cache a teacher reply in {self.cache_dir}: {e}")
-                        return dict(result, choices=choices, prompt_tokens=pt, completion_tokens=ct)
+                            self.prompt_used += pt
+                            self.completion_used += ct
+                        return choices, pt, ct, attempts, None
                 else:
                     last_error = f"HTTP {resp.status_code}: {_error_snippet(resp)}"
                     if resp.status_code not in RETRYABLE_STATUS and resp.status_code < 500:
                         hint = f" (check ${self.api_key_env})" if resp.status_code in (401, 403) else ""
-                        return dict(result, error=self._scrub(last_error + hint))
+                        return [], 0, 0, attempts, self._scrub(last_error + hint)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.max_backoff)
             finally:  # the slot is free again before any backoff sleep
                 self._release_slot(limit_when_sent, timed_out)
@@ -396,7 +445,8 @@ class Teacher:
                 tqdm.write(self._scrub(f"teacher: attempt {attempt}/{self.max_attempts} failed ({last_error[:200]}); "
                                        f"retrying in {delay:.1f}s"))
                 time.sleep(delay)
-        return dict(result, error=self._scrub(f"gave up after {self.max_attempts} attempts; last error: {last_error}"))
+        return [], 0, 0, attempts, self._scrub(f"gave up after {self.max_attempts} attempts; last error: "
+                                               f"{last_error}")
 
 # -----------------------------------------------------------------------------
 # Fail fast at start-up: a typo in the URL should cost one second, not a trained student and then a crash.

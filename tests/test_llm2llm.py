@@ -505,3 +505,12 @@ def test_the_api_key_is_written_nowhere(tiny_llama_dir, data_dir, teacher, tmp_p
     assert secret not in captured.out and secret not in captured.err
     for path, content in snapshot(out).items():
         assert secret.encode() not in content, path
+
+
+def test_micro_batch_tokens_flag_takes_auto_or_a_positive_count(capsys):
+    assert llm2llm.parse_args([]).micro_batch_tokens == "auto"
+    assert llm2llm.parse_args(["--micro-batch-tokens", "2048"]).micro_batch_tokens == 2048
+    for bad in ("lots", "0", "-5", "4096.5"):
+        with pytest.raises(SystemExit):
+            llm2llm.parse_args(["--micro-batch-tokens", bad])
+        assert "must be 'auto' or a positive whole number of tokens" in capsys.readouterr().err

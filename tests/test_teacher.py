@@ -8,6 +8,7 @@ Run: python -m pytest -q tests/test_teacher.py
 """
 
 import email.utils
+import hashlib
 import json
 import os
 import socket
@@ -180,10 +181,31 @@ def test_request_body_and_trailing_slash(server):
     r = t.chat_many([job("ok", sample=5, n=3, max_tokens=12)], progress=False)[0]
     body = srv.state["bodies"][0]
     assert body["model"] == "scripted-model" and body["messages"][1]["content"] == "ok"
-    assert (body["temperature"], body["top_p"], body["max_tokens"], body["n"], body["seed"]) == (0.3, 0.9, 12, 3, 105)
-    assert [c["text"] for c in r["choices"]] == [f"ok|seed=105|k={k}" for k in range(3)]
+    seed = T.job_seed(100, body["messages"], 5)
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["n"], body["seed"]) == (0.3, 0.9, 12, 3, seed)
+    assert [c["text"] for c in r["choices"]] == [f"ok|seed={seed}|k={k}" for k in range(3)]
     t.chat_many([job("ok")], progress=False)
     assert "n" not in srv.state["bodies"][1] and srv.state["bodies"][1]["max_tokens"] == 77
+
+
+def test_each_job_of_an_ask_gets_its_own_seed_and_keeps_it_on_resume(server):
+    srv, url = server
+    jobs = [job("ok"), job("ok,ok"), job("ok", sample=1)]
+    make_teacher(url, seed=7).chat_many(jobs, progress=False)
+    first = {(b["messages"][-1]["content"], b["seed"]) for b in srv.state["bodies"]}
+    seeds = [s for _, s in sorted(first)]
+    assert len(set(seeds)) == 3  # other messages or another sample: another seed, though the run seed is shared
+    assert all(isinstance(s, int) and 0 <= s < 2**31 for s in seeds)
+    srv.state["bodies"].clear()
+    make_teacher(url, seed=7).chat_many(jobs, progress=False)  # a resumed run (no cache): the very same seeds
+    assert {(b["messages"][-1]["content"], b["seed"]) for b in srv.state["bodies"]} == first
+    srv.state["bodies"].clear()
+    make_teacher(url, seed=8).chat_many(jobs[:1], progress=False)  # another run seed: another stream
+    assert srv.state["bodies"][0]["seed"] not in seeds
+    # stable across processes: a fixed digest, not Python's salted hash()
+    assert T.job_seed(7, [{"role": "user", "content": "x"}], 0) == \
+        int(hashlib.sha256(b'{"messages":[{"content":"x","role":"user"}],"sample":0,"seed":7}').hexdigest()[:8], 16) \
+        & 0x7FFFFFFF
 
 
 def test_retry_after_parsing():
@@ -232,7 +254,9 @@ def test_second_run_is_served_from_cache_with_zero_requests(server, tmp_path):
     jobs = [job("ok"), job("ok", sample=1), job("429,ok"), job("length"), job("500"), job("ok", n=2)]
     first = make_teacher(url, cache_dir=cache).chat_many(jobs, progress=False)
     assert first[0]["cache_key"] != first[1]["cache_key"]  # same seed, new sample: a distinct key and seed
-    assert first[0]["choices"][0]["text"] == "ok|seed=0|k=0" and first[1]["choices"][0]["text"] == "ok|seed=1|k=0"
+    seeds = [T.job_seed(0, jobs[0]["messages"], sample) for sample in (0, 1)]
+    assert first[0]["choices"][0]["text"] == f"ok|seed={seeds[0]}|k=0" != first[1]["choices"][0]["text"] == \
+        f"ok|seed={seeds[1]}|k=0"
     assert first[4]["error"] is not None
     files = sorted(p for p in (tmp_path / "cache").rglob("*.json"))
     assert len(files) == 5  # failures are not cached
