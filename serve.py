@@ -403,8 +403,16 @@ class _Server(ThreadingHTTPServer):
     def shutdown(self):
         if getattr(self, "serving", False):  # BaseServer.shutdown waits forever on a server that never served
             super().shutdown()
-        self.jobs.put(None)  # stop the model worker after what it is doing
+        self.stop_worker()
         self.server_close()
+
+    def stop_worker(self):
+        """Stop the model worker after what it is doing, and wait for it. Waiting matters: a daemon thread still
+        inside torch when the interpreter exits is killed mid-C++ and the process aborts ("terminate called
+        without an active exception", exit 134) after all of its work was done."""
+        self.jobs.put(None)
+        if self.worker is not threading.current_thread():
+            self.worker.join()
 
     def handle_error(self, request, client_address):
         # A client that disconnects before its reply is normal (e.g. a timeout on its side): not worth a traceback.
@@ -478,7 +486,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     finally:
-        server.jobs.put(None)
+        server.stop_worker()
         server.server_close()
     return 0
 

@@ -404,3 +404,36 @@ def test_real_smollm2_through_the_teacher_client(smollm2_dir, tmp_path):
         assert r["prompt_tokens"] == len(ids["input_ids"]) and 0 < r["completion_tokens"] <= 16
     finally:
         server.shutdown()
+
+
+# -----------------------------------------------------------------------------
+# Shutdown at process exit: the model worker is a daemon thread that runs torch. If the interpreter exits while it
+# is still leaving, the process aborts ("terminate called without an active exception", exit 134) after all its
+# work was done, as the end of an LLM2LLM run with the embedded teacher once did. shutdown() must wait for it.
+
+EXIT_SCRIPT = """
+import sys, concurrent.futures as cf
+import requests, torch
+sys.path.insert(0, sys.argv[1])
+import serve
+from generate import generate
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+server = serve.make_server(model, AutoTokenizer.from_pretrained(sys.argv[2]), generate, max_batch=8)
+serve.start_background(server)
+ask = lambda i: requests.post(server.url + "/chat/completions", timeout=60, json=dict(
+    messages=[{"role": "user", "content": f"How many clips? {i}"}], max_tokens=24, temperature=0.7, seed=i)).status_code
+with cf.ThreadPoolExecutor(8) as pool:
+    assert list(pool.map(ask, range(8))) == [200] * 8
+server.shutdown()
+print("done", flush=True)
+"""
+
+
+def test_process_exits_cleanly_right_after_shutdown(tiny_llama_dir):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for attempt in range(6):  # the abort was a race: before the fix about half of such runs aborted
+        proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, root, str(tiny_llama_dir)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and "done" in proc.stdout, (attempt, proc.returncode, proc.stderr[-2000:])
