@@ -302,12 +302,25 @@ def choose_parents(cfg, seed_rows, wrong, iteration):
     return wrong
 
 
+def ask_all(client, jobs, what="requests", who="teacher"):
+    """(results, usage): every job's reply, and the tokens and replies they used, whether paid now or read from the
+    cache, so a resumed run reports the same numbers as an uninterrupted one. Identical jobs are asked, and counted,
+    once. A spent budget leaves a job unanswered; any other failure stops the run (finished replies stay cached)."""
+    results = client.chat_many(jobs)
+    usage = Counter()
+    for r in {r["cache_key"]: r for r in results}.values():
+        usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
+    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
+    if failed:
+        raise RunError(f"the {who} failed on {len(failed)} of {len(jobs)} {what} (first: {failed[0]}). "
+                       f"Its finished replies are cached.")
+    return results, usage
+
+
 def augment(task, teacher, parents, predictions, known_rows, test_rows, iteration, cfg):
     need = {row["id"]: cfg.aug_per_wrong for row in parents}
     accepted, rejected = [], []
-    # tokens and replies this augmentation used, whether paid now or read from the cache, so a resumed run reports
-    # the same numbers as an uninterrupted one
-    usage = Counter()
+    usage = Counter()  # over all asks (see ask_all)
     for ask in range(cfg.teacher_max_asks):
         asking = [row for row in parents if need[row["id"]] > 0]
         if not asking or teacher.budget_exhausted:
@@ -318,13 +331,8 @@ def augment(task, teacher, parents, predictions, known_rows, test_rows, iteratio
             # a new sample index per iteration and ask: the same seed asked again must get a fresh reply, not the
             # cached one from an earlier iteration
             "sample": iteration * cfg.teacher_max_asks + ask} for row in asking]
-        results = teacher.chat_many(jobs)
-        for r in {r["cache_key"]: r for r in results}.values():  # identical jobs are asked, and counted, once
-            usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
-        failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
-        if failed:
-            raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} requests (first: {failed[0]}). "
-                           f"Its finished replies are cached.")
+        results, used = ask_all(teacher, jobs)
+        usage.update(used)
         candidates = []
         for row, result in zip(asking, results):
             for choice in result["choices"]:
@@ -356,14 +364,7 @@ def verify_questions(task, teacher, kept, iteration, cfg):
     more than half of those solutions reach the answer it was written with (a problem whose own answer is wrong, or
     that is ambiguous, rarely gets a majority)."""
     jobs = [{"messages": task.solve_messages(new), "n": cfg.verify, "sample": iteration} for new in kept]
-    results = teacher.chat_many(jobs)
-    usage = Counter()
-    for r in {r["cache_key"]: r for r in results}.values():
-        usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
-    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
-    if failed:
-        raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} verification requests (first: "
-                       f"{failed[0]}). Its finished replies are cached.")
+    results, usage = ask_all(teacher, jobs, "verification requests")
     verified, rejected = [], []
     for new, result in zip(kept, results):
         votes = sum(task.read_number(task.parse_solution(c["text"])[0]) == task.answer_value(new)
@@ -391,14 +392,7 @@ def sample_solutions(task, teacher, parents, known_rows, iteration, cfg):
     """(accepted rows, rejected, usage, metrics) for one iteration's parents."""
     k = cfg.samples_per_wrong
     jobs = [{"messages": task.solve_messages(row), "n": k, "sample": iteration} for row in parents]
-    results = teacher.chat_many(jobs)
-    usage = Counter()
-    for r in {r["cache_key"]: r for r in results}.values():
-        usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0, replies=1)
-    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
-    if failed:
-        raise RunError(f"the teacher failed on {len(failed)} of {len(jobs)} solution requests (first: {failed[0]}). "
-                       f"Its finished replies are cached.")
+    results, usage = ask_all(teacher, jobs, "solution requests")
     seen = {(normalize_text(task.prompt(r)), solution_key(task.response(r))) for r in known_rows}
     accepted, rejected, correct = [], [], []
     problems = covered = unique_total = calc_failures = sampled = 0
@@ -472,23 +466,18 @@ def judge_solutions(task, correct, cfg):
                     cache_dir=os.path.join(cfg.out, "judge_cache"), workers=cfg.teacher_workers,
                     timeout=cfg.teacher_timeout, temperature=0.0, max_tokens=cfg.teacher_max_tokens, seed=cfg.seed,
                     budget_tokens=cfg.judge_budget_tokens, budget_spent=spent)
-    results = judge.chat_many([{"messages": judge_messages(task, row, text)} for row, text in correct])
-    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
-    if failed:
-        raise RunError(f"the judge failed on {len(failed)} of {len(results)} requests (first: {failed[0]}). Its "
-                       f"finished replies are cached.")
+    results, usage = ask_all(judge, [{"messages": judge_messages(task, row, text)} for row, text in correct],
+                             who="judge")
     answered = [r for r in results if not r["error"]]
     if len(answered) < len(results):
         print(f"judge: token budget of {cfg.judge_budget_tokens} spent; {len(results) - len(answered)} "
               f"answer-correct solutions not judged")
     verdicts = [parse_verdict(r["choices"][0]["text"]) for r in answered]
-    unique = {r["cache_key"]: r for r in answered}.values()
     sound, unsound = verdicts.count(True), verdicts.count(False)
     return {"judge_sound": sound, "judge_unsound": unsound, "judge_unparseable": verdicts.count(None),
             "judge_unjudged": len(results) - len(answered),
             "fpr_judge": unsound / (sound + unsound) if sound + unsound else None,
-            "judge_prompt_tokens": sum(r["prompt_tokens"] or 0 for r in unique),
-            "judge_completion_tokens": sum(r["completion_tokens"] or 0 for r in unique)}
+            "judge_prompt_tokens": usage["prompt"], "judge_completion_tokens": usage["completion"]}
 
 
 # -----------------------------------------------------------------------------
