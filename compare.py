@@ -63,6 +63,29 @@ ARM_FLAGS = ("--augment", "--continue-training", "--seed")
 # -----------------------------------------------------------------------------
 # Command line: the comparison's own flags; everything else is a loop flag, parsed by llm2llm.parse_args
 
+def add_seed_flags(parser):
+    """The flags every comparison has: its seeds and the paired bootstrap (compare-teachers uses them too)."""
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
+    parser.add_argument("--bootstrap-resamples", type=int, default=10000, help="paired bootstrap resamples "
+                                                                               "(default: 10000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
+
+
+def read_seeds(args, base):
+    """The distinct seeds of --seeds, after checking what every comparison needs."""
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        raise llm2llm.RunError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    if not seeds:
+        raise llm2llm.RunError("--seeds is empty: give at least one seed, e.g. 0,1,2")
+    if args.bootstrap_resamples < 1:
+        raise llm2llm.RunError(f"--bootstrap-resamples must be positive, got {args.bootstrap_resamples}")
+    if base.test_limit == 0:
+        raise llm2llm.RunError("--test-limit 0 leaves no test set to compare on")
+    return seeds
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="llm2llm.py compare", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0],
@@ -71,10 +94,7 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="comparison directory; the same --out resumes")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, from {', '.join(ARMS)} "
                                                              f"(default: {DEFAULT_ARMS})")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
-    parser.add_argument("--bootstrap-resamples", type=int, default=10000, help="paired bootstrap resamples "
-                                                                               "(default: 10000)")
-    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
+    add_seed_flags(parser)
     args, rest = parser.parse_known_args(argv)
     taken = [flag for flag in ARM_FLAGS if any(a == flag or a.startswith(flag + "=") for a in rest)]
     if taken:
@@ -89,16 +109,7 @@ def parse_args(argv):
         print(f"note: adding the {REFERENCE} arm: the paired tests and the budgets of finetune-matched and oneshot "
               f"are measured against it")
     arms = [REFERENCE] + [a for a in dict.fromkeys(arms) if a != REFERENCE]  # llm2llm first: others depend on it
-    try:
-        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    except ValueError:
-        raise llm2llm.RunError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
-    if not seeds:
-        raise llm2llm.RunError("--seeds is empty: give at least one seed, e.g. 0,1,2")
-    if args.bootstrap_resamples < 1:
-        raise llm2llm.RunError(f"--bootstrap-resamples must be positive, got {args.bootstrap_resamples}")
-    if base.test_limit == 0:
-        raise llm2llm.RunError("--test-limit 0 leaves no test set to compare on")
+    seeds = read_seeds(args, base)
     return base, arms, seeds, args
 
 
@@ -451,12 +462,17 @@ def render_svg(summary, title):
 
 def write_outputs(summary, base, out):
     llm2llm.write_json(os.path.join(out, "compare.json"), summary)
-    for name, text in (("compare.md", render_markdown(summary, base)),
-                       ("compare.svg", render_svg(summary, f"llm2llm comparison: test accuracy ({base.task})"))):
+    write_texts(out, {"compare.md": render_markdown(summary, base),
+                      "compare.svg": render_svg(summary, f"llm2llm comparison: test accuracy ({base.task})")})
+    return render_table(summary)
+
+
+def write_texts(out, texts):
+    """Write {file name: text} into out, each through a .tmp file, so a kill never leaves half a file."""
+    for name, text in texts.items():
         with open(os.path.join(out, name + ".tmp"), "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    return render_table(summary)
 
 
 # -----------------------------------------------------------------------------
@@ -495,12 +511,17 @@ def compare(base, arms, seeds, args, run=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(sys.argv[1:] if argv is None else argv, parse_args, compare)
+
+
+def run_cli(argv, parse, comparison):
+    """The command line of a comparison (compare and compare-teachers): parse, run, and on an error or Ctrl-C say
+    that the finished runs are kept and the same command continues."""
     out = None
     try:
-        base, arms, seeds, args = parse_args(argv)
+        base, runs, seeds, args = parse(argv)
         out = args.out
-        compare(base, arms, seeds, args)
+        comparison(base, runs, seeds, args)
         return 0
     except (llm2llm.RunError, ModelLoadError, TaskError, LoRAError, TrainingError, ReportError) as e:
         print(f"error: {e}" + (f"\nThe finished runs are kept in {out}: rerun the same command to continue."

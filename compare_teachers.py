@@ -40,11 +40,7 @@ from dataclasses import replace
 
 import compare
 import llm2llm
-from generate import ModelLoadError
-from lora import LoRAError
-from report import ReportError, md_escape
-from tasks import TaskError
-from train import TrainingError
+from report import md_escape
 
 LABELS = ("a", "b")
 # loop flags each teacher's runs set themselves, so the comparison cannot take them
@@ -82,26 +78,14 @@ def parse_args(argv):
     parser.add_argument("--match", default="auto", choices=("auto", "params", "price"),
                         help="match sampling compute by parameters or by price (default: auto, parameters when both "
                              "are known, else prices)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
-    parser.add_argument("--bootstrap-resamples", type=int, default=10000, help="paired bootstrap resamples "
-                                                                               "(default: 10000)")
-    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
+    compare.add_seed_flags(parser)
     args, rest = parser.parse_known_args(argv)
     taken = [flag for flag in TEACHER_FLAGS if any(a == flag or a.startswith(flag + "=") for a in rest)]
     if taken:
         raise llm2llm.RunError(f"{', '.join(taken)}: set for each teacher in a teacher comparison; use --teacher-a/b, "
                                f"--model-a/b, --params-a/b, --price-in-a/b, --price-out-a/b, --seeds and --out")
     base = llm2llm.parse_args(rest)
-    try:
-        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    except ValueError:
-        raise llm2llm.RunError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
-    if not seeds:
-        raise llm2llm.RunError("--seeds is empty: give at least one seed, e.g. 0,1,2")
-    if args.bootstrap_resamples < 1:
-        raise llm2llm.RunError(f"--bootstrap-resamples must be positive, got {args.bootstrap_resamples}")
-    if base.test_limit == 0:
-        raise llm2llm.RunError("--test-limit 0 leaves no test set to compare on")
+    seeds = compare.read_seeds(args, base)
     if base.iterations < 1:
         raise llm2llm.RunError("--iterations 0 never asks a teacher: nothing to compare")
     if args.label_a == args.label_b:
@@ -345,10 +329,7 @@ def render_markdown(summary, base):
 def write_outputs(summary, base, out):
     llm2llm.write_json(os.path.join(out, "compare_teachers.json"), summary)
     svg = compare.render_svg(summary, f"teachers at matched compute: test accuracy ({base.task})")
-    for name, text in (("compare_teachers.md", render_markdown(summary, base)), ("compare_teachers.svg", svg)):
-        with open(os.path.join(out, name + ".tmp"), "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    compare.write_texts(out, {"compare_teachers.md": render_markdown(summary, base), "compare_teachers.svg": svg})
     return render_table(summary)
 
 
@@ -392,21 +373,7 @@ def compare_teachers(base, teachers_, seeds, args, run=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    out = None
-    try:
-        base, teachers_, seeds, args = parse_args(argv)
-        out = args.out
-        compare_teachers(base, teachers_, seeds, args)
-        return 0
-    except (llm2llm.RunError, ModelLoadError, TaskError, LoRAError, TrainingError, ReportError) as e:
-        print(f"error: {e}" + (f"\nThe finished runs are kept in {out}: rerun the same command to continue."
-                               if out and os.path.isdir(out) else ""), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted" + (f": the comparison so far is kept in {out}; rerun the same command to continue."
-                                 if out and os.path.isdir(out) else "."), file=sys.stderr)
-        return 130
+    return compare.run_cli(sys.argv[1:] if argv is None else argv, parse_args, compare_teachers)
 
 
 if __name__ == "__main__":
