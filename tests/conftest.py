@@ -3,9 +3,11 @@
 Tests marked `slow` use the real SmolLM2-135M-Instruct built by ../shared/models/smollm2.sh; they are skipped when
 that script is not beside the checkout. Run everything with `python -m pytest -q tests/`.
 """
+import json
 import os
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,22 @@ def gsm8k_test_file():
     if not path.exists():
         pytest.skip(f"{path} not found")
     return path
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    """The base of the tests' scripted OpenAI-compatible teachers: quiet, JSON replies, and GET /v1/models listing
+    one model, "scripted". A test's subclass answers POST /v1/chat/completions as its script says."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": "scripted", "object": "model"}]})

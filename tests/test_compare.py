@@ -14,7 +14,7 @@ import math
 import re
 import threading
 import xml.dom.minidom
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ import torch
 
 import compare
 import llm2llm
-from conftest import load_pretrained
+from conftest import ScriptedHandler, load_pretrained
 from lora import add_lora
 from tasks import get_task
 from train import train
@@ -50,20 +50,7 @@ class ScriptedTeacher:
         self.requests = []
         teacher = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+        class Handler(ScriptedHandler):
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -14,8 +14,8 @@ import pytest
 import compare_teachers
 import llm2llm
 from test_compare import ScriptedTeacher as CountingScriptedTeacher
-from test_llm2llm import REPLY_TOKENS, ScriptedTeacher, data_dir, flags, kill_during_request, read_jsonl, \
-    run_error, without_timings  # noqa: F401 (data_dir is a fixture)
+from test_llm2llm import REPLY_TOKENS, ScriptedTeacher, assert_budget_stop_survives_kills, data_dir, flags, \
+    read_jsonl, run_error  # noqa: F401 (data_dir is a fixture)
 
 PROMPT, COMPLETION = REPLY_TOKENS - 12, 12  # what the scripted teacher reports for every reply
 PARAMS = 1e6
@@ -121,20 +121,7 @@ def test_a_flops_or_dollar_budget_stops_after_two_replies_and_resumes_there(budg
     # what was paid for is trained on, then the run stops
     assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["teacher_requests"] == 0
     assert metrics[1]["train_size"] == 6 + metrics[0]["n_augmented"]
-
-    # killed while the second reply is in flight: the first is cached and still counts when the run resumes
-    killed = tmp_path / "killed"
-    kill_during_request(argv(killed), teacher, 2)
-    assert not (killed / "metrics.jsonl").exists()
-    assert llm2llm.main(argv(killed)) == 0
-    assert len(teacher.requests) == 1
-    assert without_timings(read_jsonl(killed / "metrics.jsonl")) == without_timings(metrics)
-
-    # killed after iteration 0 finished: what it spent is read back from metrics.jsonl, and nothing more is asked
-    (killed / "metrics.jsonl").write_text(json.dumps(metrics[0]) + "\n")
-    teacher.requests.clear()
-    assert llm2llm.main(argv(killed)) == 0
-    assert teacher.requests == [] and without_timings(read_jsonl(killed / "metrics.jsonl")) == without_timings(metrics)
+    assert_budget_stop_survives_kills(argv, teacher, metrics, tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [

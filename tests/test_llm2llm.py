@@ -16,13 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from http.server import HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import llm2llm
-from conftest import ROOT
+from conftest import ROOT, ScriptedHandler
 
 POSITIVE = ["a gorgeous , witty , seductive movie", "the film is a delight from start to finish",
             "one of the most moving films of the year", "a smart and funny comedy", "beautifully shot and acted",
@@ -70,17 +70,7 @@ class ScriptedTeacher:
         self.status, self.delay = 200, delay
         teacher = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        class Handler(ScriptedHandler):
 
             def do_GET(self):
                 if self.path != "/v1/models":
@@ -88,7 +78,7 @@ class ScriptedTeacher:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                self._send({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+                super().do_GET()
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -296,15 +286,21 @@ def test_the_budget_counts_cached_replies_and_what_it_paid_for_is_trained_on(tin
     assert metrics[1]["train_size"] == 6 + metrics[0]["n_augmented"] and metrics[1]["stopped"]
     assert metrics[1]["teacher_requests"] == 0 and metrics[1]["n_augmented"] == 0
     assert read_jsonl(reference / "iter_01" / "train.jsonl")[6:] == read_jsonl(reference / "iter_00" / "augmented.jsonl")
+    assert_budget_stop_survives_kills(argv, teacher, metrics, tmp_path)
 
+
+def assert_budget_stop_survives_kills(argv, teacher, metrics, tmp_path):
+    """A budget of two replies, spent in iteration 0 (metrics: the uninterrupted run) stops at the same place
+    when the run is killed and resumed, whether the kill comes mid-iteration or after it."""
     # killed while the second reply is in flight: the first is cached, and still counts when the run resumes
     killed = tmp_path / "killed"
     kill_during_request(argv(killed), teacher, 2)
+    assert not (killed / "metrics.jsonl").exists()
     assert llm2llm.main(argv(killed)) == 0
     assert len(teacher.requests) == 1
     assert without_timings(read_jsonl(killed / "metrics.jsonl")) == without_timings(metrics)
 
-    # killed after iteration 0 finished: what it used is read back from metrics.jsonl, and nothing more is asked
+    # killed after iteration 0 finished: what it spent is read back from metrics.jsonl, and nothing more is asked
     (killed / "metrics.jsonl").write_text(json.dumps(metrics[0]) + "\n")
     teacher.requests.clear()
     assert llm2llm.main(argv(killed)) == 0

@@ -10,13 +10,14 @@ problem wrong (asserted), so all three are sent.
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 import llm2llm
 import tasks
 import teacher as T
+from conftest import ScriptedHandler
 
 Q1 = "Tom has 4 boxes with 250 pens in each box. How many pens does he have?"
 Q2 = "A shop sells 6 apples for $3. How much do 10 apples cost?"
@@ -69,20 +70,7 @@ class ScriptedSolver:
         self.queues.update({new: list(solutions) for new, _, solutions in NEW.values()})
         solver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+        class Handler(ScriptedHandler):
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
