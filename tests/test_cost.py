@@ -14,8 +14,8 @@ import pytest
 import compare_teachers
 import llm2llm
 from test_compare import ScriptedTeacher as CountingScriptedTeacher
-from test_llm2llm import REPLY_TOKENS, ScriptedTeacher, assert_budget_stop_survives_kills, data_dir, flags, \
-    read_jsonl, run_error  # noqa: F401 (data_dir is a fixture)
+from test_llm2llm import REPLY_TOKENS, assert_budget_stop_survives_kills, data_dir, flags, read_jsonl, run_error, \
+    teacher  # noqa: F401 (data_dir and teacher are fixtures)
 
 PROMPT, COMPLETION = REPLY_TOKENS - 12, 12  # what the scripted teacher reports for every reply
 PARAMS = 1e6
@@ -37,14 +37,6 @@ class CountingTeacher(CountingScriptedTeacher):
     @property
     def parents(self):
         return self.seed_texts_sent()
-
-
-@pytest.fixture
-def teacher():
-    t = ScriptedTeacher()
-    yield t
-    t.release.set()
-    t.server.shutdown()
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import llm2llm
 import tasks
 import teacher as T
 from conftest import ScriptedHandler
+from test_llm2llm import run_error
 
 Q1 = "Tom has 4 boxes with 250 pens in each box. How many pens does he have?"
 Q2 = "A shop sells 6 apples for $3. How much do 10 apples cost?"
@@ -232,14 +233,6 @@ def test_verify_keeps_only_problems_the_teacher_solves_to_their_answer(tiny_llam
     rejected = read_jsonl(out / "iter_00" / "rejected.jsonl")
     assert NEW[Q2][0] in rejected[0]["text"] and rejected[0]["votes"] == "1/3"
     assert solver.kinds() == ["write"] * 3 + ["solve"] * 3
-
-
-def run_error(capsys, argv):
-    code = llm2llm.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
 
 
 @pytest.mark.parametrize("task", ["sst2", "trec", "snips"])
