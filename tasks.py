@@ -140,7 +140,13 @@ def answer_number(text):
 # sentence names no other ("NUM. A DESC question would ask why."). Hedges and lists ("negative or positive",
 # "DESC or NUM", "DESC/NUM") name two labels and open with neither alone: wrong.
 
-NEGATIONS = {"not", "no", "never", "neither", "nor", "non", "t", "cannot", "without"}  # "isn't" -> "isn", "t"
+NEGATIONS = {"not", "no", "never", "neither", "nor", "non", "t", "cannot", "without", "nothing"}  # "isn't": "isn" "t"
+# words a negation reaches across to the label it negates: "does not express a negative opinion", "isn't entirely
+# positive". Anything else ("not bad but negative") ends its reach
+NEGATION_FILLERS = {"a", "an", "the", "any", "very", "really", "entirely", "overly", "particularly", "purely",
+                    "clearly", "explicitly", "express", "expresses", "convey", "conveys", "state", "states", "seem",
+                    "seems", "be", "is", "at", "all"}
+LIST_WORDS = {"or", "nor", "and"}
 
 
 def _words(text):
@@ -155,7 +161,7 @@ def label_mentions(text, labels):
     """[(label, word index, negated)] for each label named in `text`, in order (case, spacing, punctuation ignored)."""
     keys = {_label_key(label): label for label in labels if _label_key(label)}
     longest = max(map(len, keys), default=0)
-    words, found, start = _words(text), [], 0
+    words, found, start, end_of_last = _words(text), [], 0, 0
     while start < len(words):
         joined, end, match = "", start, None
         while end < len(words) and len(joined) + len(words[end]) <= longest:  # "add to play list": 4 words
@@ -164,9 +170,22 @@ def label_mentions(text, labels):
             if joined in keys:
                 match = end
         if match:
-            found.append((keys["".join(words[start:match])], start, start > 0 and words[start - 1] in NEGATIONS))
+            # a negation reaches along a list of labels: "not ENTY or NUM", "neither HUM nor LOC"
+            listed = bool(found) and found[-1][2] and all(w in LIST_WORDS for w in words[end_of_last:start])
+            found.append((keys["".join(words[start:match])], start, listed or _negated(words, start)))
+            end_of_last = match
         start = match or start + 1
     return found
+
+
+def _negated(words, start):
+    """Whether a negation governs the word at `start`: it stands right before it, or before up to three fillers."""
+    for back in range(start - 1, max(start - 5, -1), -1):
+        if words[back] in NEGATIONS:
+            return True
+        if words[back] not in NEGATION_FILLERS:
+            return False
+    return False
 
 
 def labels_in(text, labels):
@@ -178,8 +197,22 @@ def _named(mentions):
     return {label for label, _, negated in mentions if not negated}
 
 
-def match_label(text, labels):
-    """The one label the answer commits to, or None (see above): "Sentiment: **Positive**." -> "positive"."""
+def match_label(text, labels, distractors=()):
+    """The one label the answer commits to, or None (see above): "Sentiment: **Positive**." -> "positive".
+    distractors: answers that are not labels ("neutral" for a positive/negative task). They compete with the labels,
+    so "The sentiment is neutral. It does not express a negative opinion." commits to neutral: no label."""
+    answer = _committed_label(text, list(labels) + list(distractors))
+    if answer in distractors:
+        return None
+    # a label list split over lines ("HUM" then "LOC" on the next line) is a list, and a list is wrong: a line after
+    # the first that names a label may name no other label than the answer (negated mentions aside)
+    lines = [line for line in str(text).splitlines() if _named(label_mentions(line, labels))]
+    if answer is not None and any(_named(label_mentions(line, labels)) - {answer} for line in lines[1:]):
+        return None
+    return answer
+
+
+def _committed_label(text, labels):
     named = _named(label_mentions(text, labels))
     if len(named) == 1:
         return named.pop()
@@ -370,6 +403,7 @@ class Task:
     prompt_file: str                      # prompts/<name>.txt
     rationale: bool = False               # target is a worked solution ending in "#### N" (gsm8k)
     marker: tuple = ()                    # (field, text) a generated row must contain exactly once (casehold)
+    distractors: tuple = ()               # answers that are no label, e.g. "neutral" for sst2 (see match_label)
     files: dict = field(default_factory=dict)   # split -> path, for a user's own task
 
     # --- data -----------------------------------------------------------------------------------------
@@ -458,7 +492,7 @@ class Task:
             value = self.read_number(text)
             return None if value is None else format_number(value)
         if self.answer_type == "label":
-            return match_label(text, self.labels)
+            return match_label(text, self.labels, self.distractors)
         text = re.sub(r"^\s*(?:\*\*)?(?:final )?(?:answer|output)(?:\*\*)?\s*:\s*", "", str(text), flags=re.I)
         return text.strip() or None
 
@@ -604,10 +638,10 @@ def solution_key(text):
 # ----------------------------------------------------------------------------------------------------------
 # The built-in tasks.
 
-def _classification(name, labels, instruction):
+def _classification(name, labels, instruction, distractors=()):
     return Task(name=name, answer_type="label", labels=labels, input_fields=("text",), target_field="label",
                 instruction=instruction, reply_keys=(("Text", "text"), ("Label", "label")),
-                prompt_file=f"{name}.txt")
+                prompt_file=f"{name}.txt", distractors=distractors)
 
 
 SNIPS_LABELS = ["AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
@@ -620,7 +654,8 @@ TASKS = {
                   target_field="answer", instruction="{question}", rationale=True,
                   reply_keys=(("Question", "question"), ("Answer", "answer")), prompt_file="gsm8k.txt"),
     "sst2": _classification("sst2", ["negative", "positive"],
-                            "Is the sentiment of this movie review negative or positive?\n\n{text}"),
+                            "Is the sentiment of this movie review negative or positive?\n\n{text}",
+                            distractors=("neutral", "mixed")),
     "trec": _classification("trec", ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
                             "Classify the type of answer this question asks for: ABBR (abbreviation), "
                             "DESC (description), ENTY (entity), HUM (human), LOC (location) or NUM (numeric)."

@@ -86,6 +86,7 @@ LABEL_OUTPUTS = [
     (SST2, "The review is mixed: partly positive, partly negative.", None),
     (SST2, "Not positive.", None),                                          # no committed label
     (SST2, "Neutral", None),
+    (SST2, "The reviewer does not express a negative opinion; the sentiment is positive.", "positive"),  # reach
     (SST2, "The sentiment is positively glowing.", None),                    # a similar word is not the label
     (SST2, "I'm sorry, I can't determine the sentiment.", None),
     (TREC, "NUM", "NUM"),
@@ -95,6 +96,14 @@ LABEL_OUTPUTS = [
     (TREC, "NUM (numeric). The question asks for a number, not a description (DESC).", "NUM"),
     (TREC, "**DESC**\n\nExplanation: the question asks how something works, so it is not ENTY or NUM.", "DESC"),
     (TREC, "DESC or NUM", None),
+    (TREC, "HUM\nLOC", None),                                                # a list split over lines is a list
+    (TREC, "1. HUM\n2. LOC", None),
+    (TREC, "**Answer:** HUM\n\nLOC (location)", None),
+    (TREC, "HUM\n\nHUM (human): the question asks who.", "HUM"),             # the same label again is no list
+    (TREC, "Answer:\nNUM\nIt is neither HUM nor LOC.", "NUM"),               # negated on a later line
+    (SST2, "positive\nnegative", None),
+    (SST2, "Positive.\nThe acting, though, is negative in places.", None),
+    (SNIPS, "PlayMusic\nAddToPlaylist", None),
     (TREC, "DESC, NUM", None),
     (TREC, "It is either HUM or LOC.", None),
     (TREC, "The answer is LOC. HUM would fit a person.", None),              # two labels and "The" opens it
@@ -152,8 +161,22 @@ SMOLLM2_OUTPUTS = [
     (SST2, "The sentiment of this movie review is generally positive, but it can be interpreted in a negative way. "
            "The reviewer mentions that the movie lacks both thrills and humor, which can be seen as a double-edged "
            "sword. They also mention that", None),                            # the old grader read "positive"
+    (SST2, "The sentiment of this movie review is neutral. The reviewer does not express a negative opinion about the "
+           "movie itself, but rather expresses a neutral sentiment of \"a cookie-cutter movie\" that does no",
+     None),                                                               # neutral, not negative: no label
+    (SST2, "The sentiment of this movie review is neutral, and it does not believe in itself, which is a positive "
+           "sentiment. It is simply uninspired and lacks humor.", None),
+    (SST2, "The sentiment of this movie review is generally positive, but it's also a bit mixed. The reviewer "
+           "mentions that the film 's easygoing blend of comedy and romance, which is a common trope in cinema.", None),
+    (SST2, "The sentiment of this movie review is predominantly negative. The reviewer expresses their disappointment "
+           "and frustration with the movie's execution, ", "negative"),
     (TREC, "The answer to this question is: ABBR (abbreviation)", "ABBR"),
+    (TREC, "The answer to this question is \"DESC\"", "DESC"),
     (TREC, "The answer to this question is Australia 's national flower is the **Amaranth**.", None),
+    (TREC, "The metal with the highest melting point is the LON (Longevity) and the metal with the highest density is "
+           "the LON (Longevity).", None),
+    (SNIPS, "The intent of this request is to add to playlist, BookRestaurant, and get weather.", None),
+    (SNIPS, "This request is one of AddToPlaylist, BookRestaurant, GetWeather, and SearchCreativeWork.", None),
     (SNIPS, "This request is one of AddToPlaylist, BookRestaurant, GetWeather, RateBook, SearchCreativeWork, "
             "SearchScreeningEvent.", None),                                   # the old grader read "AddToPlaylist"
     (SNIPS, "This request is a classic example of a request to add to playlists. The user is asking for a list of "
