@@ -11,7 +11,8 @@ Every arm x seed is an ordinary run directory, DIR/<arm>-seed<k>, made by llm2ll
 plus what the arm changes; read any of them with `llm2llm.py report`. A killed comparison resumes where it
 stopped when run again with the same command: finished runs are not touched, an unfinished one resumes as any run
 does, and every teacher reply is cached. The first student (iteration 0) is the same in every arm but
-finetune-matched, so it is trained once per seed, in the llm2llm run, and shared. Arms (--arms, comma-separated; default finetune,finetune-matched,llm2llm,
+finetune-matched (and an arm with --mistakes early, which evaluates the seed set part-way through that
+fine-tune), so it is trained once per seed, in the llm2llm run, and shared. Arms (--arms, comma-separated; default finetune,finetune-matched,llm2llm,
 random; llm2llm is always run, since the paired tests and two arms' budgets are measured against it):
 
     finetune          iteration 0 only: fine-tuning on the seed set
@@ -19,8 +20,12 @@ random; llm2llm is always run, since the paired tests and two arms' budgets are 
                       seed (the paper's plain fine-tuning takes fewer steps, because steps grow with the data)
     llm2llm           the loop as configured (--augment wrong)
     all               --augment all: every seed example is sent to the teacher in every iteration
-    random            --augment random: as many seed examples as the student gets wrong, drawn at random from all
-                      seed examples, so the teacher budget matches llm2llm's without the targeting
+    random            --augment random: in each iteration as many seed examples as llm2llm sent in the same seed and
+                      iteration, drawn at random from all seed examples: llm2llm's teacher budget without the
+                      targeting (--random-parents; it stops where llm2llm stopped)
+    llm2llm:MODE      llm2llm with --mistakes MODE (e.g. llm2llm:train, llm2llm:heldout:3, llm2llm:early:0.5), to
+                      compare ways of finding the mistakes side by side; its runs are DIR/llm2llm-MODE-seed<k> with
+                      ':' written as '-'. The llm2llm arm keeps the --mistakes given to the comparison
     continue          --continue-training: each iteration keeps training the previous adapter
     oneshot           one augmentation round (--iterations 1) asking for as many teacher examples as llm2llm
                       accepted in all its rounds: --aug-per-wrong = ceil(accepted / the llm2llm first student's wrong
@@ -54,6 +59,7 @@ from tasks import TaskError
 from train import TrainingError
 
 REFERENCE = "llm2llm"
+MODE_ARM = "llm2llm:"  # llm2llm:MODE is the llm2llm arm with --mistakes MODE
 ARMS = ("finetune", "finetune-matched", "llm2llm", "all", "random", "continue", "oneshot")
 DEFAULT_ARMS = "finetune,finetune-matched,llm2llm,random"
 # loop flags an arm sets itself, so a comparison cannot take them
@@ -102,9 +108,17 @@ def parse_args(argv):
                                f"(and the comparison's own --out)")
     base = llm2llm.parse_args(rest)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS and not a.startswith(MODE_ARM)]
     if unknown or not arms:
-        raise llm2llm.RunError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(ARMS)}")
+        raise llm2llm.RunError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(ARMS)}, "
+                               f"or {MODE_ARM}MODE for llm2llm with another --mistakes (e.g. {MODE_ARM}train)")
+    for arm in arms:
+        if arm.startswith(MODE_ARM):
+            llm2llm.parse_mistakes(arm[len(MODE_ARM):])
+    same = [a for a in arms if a == MODE_ARM + base.mistakes]
+    if same:
+        print(f"note: {same[0]} is the {REFERENCE} arm itself (--mistakes {base.mistakes}); running it once")
+        arms = [a for a in arms if a not in same]
     if REFERENCE not in arms:
         print(f"note: adding the {REFERENCE} arm: the paired tests and the budgets of finetune-matched and oneshot "
               f"are measured against it")
@@ -118,7 +132,7 @@ def parse_args(argv):
 # budget from the finished llm2llm run of the same seed.
 
 def arm_config(base, arm, seed, out, reference=None):
-    run_dir = os.path.join(out, f"{arm}-seed{seed}")
+    run_dir = os.path.join(out, f"{arm.replace(':', '-')}-seed{seed}")
     # One teacher cache for the whole comparison. Sound, because a cache key holds everything that determines a
     # reply (model, messages, sampling settings, run seed, sample index): a hit is a reply to exactly the request
     # the run would send. Two arms asking the same thing share one reply, so each arm's replies are still
@@ -136,7 +150,12 @@ def arm_config(base, arm, seed, out, reference=None):
     elif arm == "all":
         cfg.augment = "all"
     elif arm == "random":
+        # as many parents in each iteration as llm2llm sent in the same seed and iteration: its teacher budget,
+        # without the targeting. Where llm2llm stopped, random draws none and stops too
         cfg.augment = "random"
+        cfg.random_parents = ",".join(str(m.get("n_parents", m["n_wrong"])) for m in reference["metrics"])
+    elif arm.startswith(MODE_ARM):
+        cfg.mistakes = arm[len(MODE_ARM):]
     elif arm == "continue":
         cfg.continue_training = True
     elif arm == "oneshot":
@@ -156,6 +175,8 @@ FIRST_STUDENT_FILES = ("adapter", "train_stats.json", "seed_predictions.jsonl", 
 
 def share_first_student(reference_dir, cfg):
     source, target = os.path.join(reference_dir, "iter_00"), os.path.join(cfg.out, "iter_00")
+    if llm2llm.parse_mistakes(cfg.mistakes)[0] == "early" and cfg.iterations > 0:
+        return  # --mistakes early evaluates the seed set part-way through this very fine-tune: it trains its own
     if not all(os.path.exists(os.path.join(source, name)) for name in FIRST_STUDENT_FILES):
         return
     if os.path.exists(os.path.join(target, "train_stats.json")):
@@ -178,10 +199,7 @@ def is_finished(cfg):
     if any(old.get(k) != v for k, v in asdict(cfg).items() if k not in llm2llm.RESUME_NEUTRAL and k != "force"):
         return False  # run() resumes it, or says what differs
     metrics = llm2llm.load_metrics(cfg.out)
-    if not metrics:
-        return False
-    last = metrics[max(metrics)]
-    return last["iteration"] >= cfg.iterations or last["n_wrong"] == 0 or bool(last.get("stopped"))
+    return bool(metrics) and llm2llm.loop_ends(metrics[max(metrics)], cfg) is not None
 
 
 def load_result(run_dir):
@@ -500,7 +518,7 @@ def compare(base, arms, seeds, args, run=None):
                 print(f"[{count}/{len(arms) * len(seeds)}] {arm}, seed {seed}: finished in {cfg.out}")
             else:
                 print(f"[{count}/{len(arms) * len(seeds)}] {arm}, seed {seed}: running in {cfg.out}")
-                if arm not in (REFERENCE, "finetune-matched"):
+                if arm not in (REFERENCE, "finetune-matched"):  # see share_first_student
                     share_first_student(arm_config(base, REFERENCE, seed, args.out).out, cfg)
                 run(cfg)
             results[arm, seed] = load_result(cfg.out)

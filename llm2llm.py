@@ -107,6 +107,15 @@ class Config:
     augment: str = field(default="wrong", metadata={"help": "which seed examples the teacher gets as parents: wrong "
                                                     "(LLM2LLM), all, or random (as many as are wrong, drawn from "
                                                     "all seed examples: the same teacher budget)"})
+    mistakes: str = field(default="train", metadata={
+        "help": "which seed examples count as wrong: train (the trained student answers them wrong, as in the "
+                "paper), heldout:K (a student trained without them answers them wrong: the seed set is split into K "
+                "folds and K more adapters are trained per iteration), or early:F (wrong after a fraction F of the "
+                "fine-tune's optimizer steps, or at its end: one more seed evaluation)"})
+    random_parents: Optional[str] = field(default=None, metadata={
+        "help": "--augment random: how many seed examples to draw in each iteration, comma-separated, e.g. 12,5 "
+                "(compare passes what its llm2llm arm sent; an iteration beyond the list draws none); default: as "
+                "many as are wrong in this run"})
     teacher_mode: str = field(default="questions", metadata={
         "help": "questions (LLM2LLM: new problems modelled on each wrong seed), solutions (the teacher solves each "
                 "wrong seed problem --samples-per-wrong times; answer-correct solutions become training rows; "
@@ -291,15 +300,32 @@ def evaluate(model, tokenizer, task, rows, path, cfg, desc):
 # again (a new sample index, so a new cache key) up to --teacher-max-asks times, then reported.
 
 def choose_parents(cfg, seed_rows, wrong, iteration):
-    """The seed examples the teacher writes from, in seed order. `random` draws as many as are wrong, uniformly
-    among all seed examples, seeded by the run seed and the iteration, so a resumed run draws the same ones."""
+    """The seed examples the teacher writes from, in seed order: the wrong ones; with --augment all every seed example
+    (while any is wrong); with --augment random a uniform draw among all seed examples, seeded by the run seed and the
+    iteration so a resumed run draws the same ones, of as many as are wrong, or of --random-parents' count for this
+    iteration (compare gives the random arm what llm2llm sent, whatever its own student gets wrong)."""
     if cfg.augment == "all":
-        return list(seed_rows)
+        return list(seed_rows) if wrong else []
     if cfg.augment == "random":
+        counts = parse_random_parents(cfg.random_parents)
+        n = len(wrong) if counts is None else counts[iteration] if iteration < len(counts) else 0
         rng = random.Random(f"augment-random-{cfg.seed}-{iteration}")  # a str seed hashes the same in every process
-        chosen = {row["id"] for row in rng.sample(seed_rows, len(wrong))}
+        chosen = {row["id"] for row in rng.sample(seed_rows, min(n, len(seed_rows)))}
         return [row for row in seed_rows if row["id"] in chosen]
     return wrong
+
+
+def parse_random_parents(text):
+    """--random-parents as a list of counts, or None when not given."""
+    if text is None:
+        return None
+    try:
+        counts = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        counts = [-1]
+    if any(n < 0 for n in counts):
+        raise RunError(f"--random-parents must be comma-separated counts of 0 or more, e.g. 12,5; got {text!r}")
+    return counts
 
 
 def ask_all(client, jobs, what="requests", who="teacher"):
@@ -756,6 +782,9 @@ def _run(cfg, device):
             raise RunError(f"--train-steps must be positive, got {cfg.train_steps}")
         if cfg.augment not in AUGMENT_CHOICES:
             raise RunError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {cfg.augment!r}")
+        mode, folds = parse_mistakes(cfg.mistakes)
+        if parse_random_parents(cfg.random_parents) is not None and cfg.augment != "random":
+            raise RunError("--random-parents sets the size of --augment random's draws: use it with --augment random")
         check_teacher_mode(cfg, task)
         recorded = {"precision_used": resolve_precision(cfg, device), "prompt_sha256": prompt_hashes(task, cfg)}
         cfg.teacher_url = cfg.teacher_url or os.environ.get("OPENAI_BASE_URL")
@@ -770,6 +799,11 @@ def _run(cfg, device):
         test_rows = task.load("test", cfg.data_dir)[:cfg.test_limit]
         if not train_rows:
             raise RunError(f"the {task.name} train split is empty")
+        # drawn before the run directory exists, so a seed set that cannot be drawn leaves nothing behind
+        fresh_seed = sample_seed(task, train_rows, size=cfg.seed_size, frac=cfg.seed_frac, seed=cfg.seed)
+        if mode == "heldout" and folds > len(fresh_seed):
+            raise RunError(f"--mistakes {cfg.mistakes}: {folds} folds need at least {folds} seed examples, and the "
+                           f"seed set has {len(fresh_seed)}; use fewer folds")
         prepare_run_dir(cfg, recorded)
         print("config:", json.dumps(asdict(cfg)))
         print(f"device {device}, precision {recorded['precision_used']}")
@@ -782,8 +816,7 @@ def _run(cfg, device):
 
         seed_path = os.path.join(cfg.out, "seed.jsonl")
         if not os.path.exists(seed_path):
-            write_jsonl(seed_path, sample_seed(task, train_rows, size=cfg.seed_size, frac=cfg.seed_frac,
-                                               seed=cfg.seed))
+            write_jsonl(seed_path, fresh_seed)
         seed_rows = read_jsonl(seed_path)
         print(f"{task.name}: {len(seed_rows)} seed examples of {len(train_rows)} train rows, {len(test_rows)} test "
               f"rows, {cfg.iterations} iterations, " + {
@@ -792,7 +825,7 @@ def _run(cfg, device):
                   "both": f"{cfg.aug_per_wrong} new example(s) and {cfg.samples_per_wrong} teacher solutions "
                           f"sampled per wrong seed"}[cfg.teacher_mode] + (f", each new problem verified by "
                                                                           f"{cfg.verify} solutions" if cfg.verify
-                                                                          else ""))
+                                                                          else "") + f", mistakes: {cfg.mistakes}")
         return task, cfg.out, cfg.seed_frac, cfg.teacher_url, seed_rows, test_rows, load_metrics(cfg.out)
 
     task, cfg.out, cfg.seed_frac, cfg.teacher_url, seed_rows, test_rows, metrics = dist.from_rank0(setup)
@@ -817,7 +850,11 @@ def _run(cfg, device):
 
             data = dist.from_rank0(training_rows)
             if i not in metrics:  # a finished iteration (it has its metrics row) is not run again
-                row = run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir)
+                # after a budget ran out, the examples it paid for are trained on, and no teacher is asked
+                stopped_before = metrics[i - 1].get("stopped") if i > 0 else None
+                teacher_round = i < cfg.iterations and not stopped_before
+                row = run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir,
+                                    teacher_round, stopped_before)
                 metrics[i] = row
                 if dist.is_main():
                     append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), [row])
@@ -825,14 +862,12 @@ def _run(cfg, device):
                     if "k" in row:
                         print(render_sampling_table(list(metrics.values())))
             row = metrics[i]
-            if row["n_wrong"] == 0:
-                print(f"no seed example is wrong after iteration {i}: stopping early")
+            reason = loop_ends(row, cfg)
+            if reason is not None:
+                if i < cfg.iterations:
+                    print(f"stopping after iteration {i}: {reason}")
                 break
             if row.get("stopped"):
-                if not row["n_augmented"]:
-                    print(f"stopping: {row['stopped']}")
-                    break
-                # the examples already paid for are trained on: one more fine-tune and evaluation, then stop
                 print(f"{row['stopped']}: one more fine-tune, on the {row['n_augmented']} new examples already "
                       f"written, then stop")
             if dist.is_main():
@@ -893,41 +928,59 @@ def attach_adapter(model, adapter_dir, cfg):
     dist.broadcast_tensors([p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)])
 
 
-def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir):
-    # 1. fine-tune: a fresh adapter on the frozen base ("from scratch"), or the previous one with --continue-training
-    adapter_dir, stats_path = os.path.join(step_dir, "adapter"), os.path.join(step_dir, "train_stats.json")
-    checkpoint_path = os.path.join(step_dir, "train_state.pt")
-    previous = os.path.join(os.path.dirname(step_dir), f"iter_{i - 1:02d}", "adapter")
+def fine_tune(model, tokenizer, task, rows, folder, cfg, seed, label, previous=None, on_step=None, needs=()):
+    """Train a fresh adapter on the frozen base ("from scratch"), or continue `previous`, on rows; save it in
+    folder/adapter with folder/train_stats.json and return the statistics. A training that finished before (its
+    statistics and every file in `needs` are there) is loaded instead; an unfinished one resumes from
+    folder/train_state.pt."""
+    adapter_dir, stats_path = os.path.join(folder, "adapter"), os.path.join(folder, "train_stats.json")
+    checkpoint_path = os.path.join(folder, "train_state.pt")
     remove_lora(model)
 
     def saved_stats():  # rank 0: the statistics of a training that finished before
-        if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")) and os.path.exists(stats_path):
+        done = [os.path.join(adapter_dir, "adapter_config.json"), stats_path, *needs]
+        if all(os.path.exists(path) for path in done):
             with open(stats_path) as f:
                 return json.load(f)
 
     stats = dist.from_rank0(saved_stats)
     if stats is not None:
         attach_adapter(model, adapter_dir, cfg)
-    else:
-        torch.manual_seed(cfg.seed)
-        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        if cfg.continue_training and i > 0:
-            attach_adapter(model, previous, cfg)
-        print(f"iteration {i}: training on {len(data)} examples")
-        stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in data], epochs=cfg.epochs,
-                      max_steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
-                      micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=cfg.seed + i,
-                      max_seq_len=cfg.max_seq_len, checkpoint_path=checkpoint_path,
-                      grad_checkpoint=cfg.grad_checkpoint, compile=cfg.compile)
-        stats = {k: stats[k] for k in ("steps", "epochs", "train_tokens", "train_seconds", "final_loss")}
+        return stats
+    torch.manual_seed(cfg.seed)
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    if previous is not None:
+        attach_adapter(model, previous, cfg)
+    print(f"{label}: training on {len(rows)} examples")
+    stats = train(model, tokenizer, [(task.prompt(r), task.response(r)) for r in rows], epochs=cfg.epochs,
+                  max_steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, min_steps=cfg.min_steps,
+                  micro_batch_tokens=cfg.micro_batch_tokens, precision=cfg.precision, seed=seed,
+                  max_seq_len=cfg.max_seq_len, checkpoint_path=checkpoint_path, grad_checkpoint=cfg.grad_checkpoint,
+                  compile=cfg.compile, on_step=on_step)
+    stats = {k: stats[k] for k in ("steps", "epochs", "train_tokens", "train_seconds", "final_loss")}
 
-        def save():  # rank 0: every rank holds the same adapter
-            save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
-            write_json(stats_path, stats)
-            if os.path.exists(checkpoint_path):
-                os.remove(checkpoint_path)
+    def save():  # rank 0: every rank holds the same adapter
+        os.makedirs(folder, exist_ok=True)
+        save_adapter(model, adapter_dir, base_model_name_or_path=cfg.student)
+        write_json(stats_path, stats)
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
 
-        dist.from_rank0(save)
+    dist.from_rank0(save)
+    return stats
+
+
+def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test_rows, step_dir, teacher_round,
+                  stopped_before):
+    mode, arg = parse_mistakes(cfg.mistakes) if teacher_round else ("train", None)
+
+    # 1. fine-tune: a fresh adapter on the frozen base, or the previous one with --continue-training. With
+    # --mistakes early:F the seed set is evaluated once on the way, after a fraction F of the optimizer steps
+    on_step = early_evaluation(i, arg, model, tokenizer, task, seed_rows, step_dir, cfg) if mode == "early" else None
+    previous = os.path.join(os.path.dirname(step_dir), f"iter_{i - 1:02d}", "adapter")
+    stats = fine_tune(model, tokenizer, task, data, step_dir, cfg, cfg.seed + i, f"iteration {i}",
+                      previous=previous if cfg.continue_training and i > 0 else None, on_step=on_step,
+                      needs=[os.path.join(step_dir, "early_eval.json")] if mode == "early" else [])
 
     # 2. evaluate on the seed set (to find what to augment) and on the test set
     t0 = time.time()
@@ -937,23 +990,45 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
                           f"iter {i} test eval") if test_rows else []
     eval_seconds = time.time() - t0
 
-    # 3. the teacher writes new examples from the wrong seed examples, or with --augment from all or a random draw
-    # of as many (none after the last iteration, and none once no seed is wrong: the loop stops there). Rank 0
+    # 3. the mistakes: the seed examples this student gets wrong, or (--mistakes) those that a student trained
+    # without them gets wrong, or those it got wrong part-way through its fine-tune. Searched only where a teacher
+    # round follows (not after the last iteration)
+    flagged, mistakes_seconds = {}, 0.0
+    if mode == "heldout":
+        flagged, mistakes_seconds = heldout_mistakes(i, arg, model, tokenizer, task, seed_rows, data, step_dir, cfg)
+
+    # 4. the teacher writes new examples from the parents: the wrong seed examples, or with --augment all of them or
+    # a random draw (none after the last iteration, and none once no seed is wrong: the loop stops there). Rank 0
     # alone; the metrics row it returns reaches every rank, so all of them agree on whether the loop goes on
     def ask_teacher():
         by_id = {p["id"]: p for p in seed_preds}
-        wrong = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
-        warn_if_undertrained(i, len(seed_rows) - len(wrong), len(seed_rows), stats, cfg)
-        accepted, rejected, unsatisfied, stopped, parents, sampling = [], [], [], None, [], {}
+        wrong_train = [row for row in seed_rows if not by_id[row["id"]]["correct"]]
+        warn_if_undertrained(i, len(seed_rows) - len(wrong_train), len(seed_rows), stats, cfg)
+        found = dict(flagged)
+        if mode in ("train", "early"):
+            found.update({row["id"]: "wrong at the end of the fine-tune" for row in wrong_train})
+        if mode == "early":
+            early = read_early_evaluation(step_dir)
+            for p in read_jsonl(os.path.join(step_dir, "seed_predictions_early.jsonl")):
+                if not p["correct"]:
+                    found[p["id"]] = (f"wrong at step {early['step']} of {early['steps']}" + (
+                        " and at the end" if p["id"] in found else ""))
+            found = {row["id"]: found[row["id"]] for row in seed_rows if row["id"] in found}
+        wrong = [row for row in seed_rows if row["id"] in found]
+        if teacher_round:
+            write_jsonl(os.path.join(step_dir, "mistakes.jsonl"),
+                        [{"id": row["id"], "mistakes": cfg.mistakes, "by": found[row["id"]]} for row in wrong])
+            if mode != "train":
+                print(f"iteration {i}: {len(wrong)} of {len(seed_rows)} seed examples are mistakes under --mistakes "
+                      f"{cfg.mistakes} ({len(wrong_train)} wrong after training)")
+        accepted, rejected, unsatisfied, stopped, parents, sampling = [], [], [], stopped_before, [], {}
         t0 = time.time()
-        aug_path, rejected_path = (os.path.join(step_dir, "augmented.jsonl"),
-                                   os.path.join(step_dir, "rejected.jsonl"))
         usage = Counter()
-        if i < cfg.iterations and wrong:
+        if teacher_round and not stopped:
             client = teacher.client
-            if not client.budget_exhausted:
+            parents = choose_parents(cfg, seed_rows, wrong, i) if not client.budget_exhausted else []
+            if parents:
                 requests_before = client.requests
-                parents = choose_parents(cfg, seed_rows, wrong, i)
                 if cfg.teacher_mode != "solutions":
                     accepted, rejected, unsatisfied, usage = augment(task, client, parents, by_id, data, test_rows, i,
                                                                      cfg)
@@ -973,23 +1048,167 @@ def run_iteration(i, cfg, task, model, tokenizer, teacher, seed_rows, data, test
                           f"{cfg.teacher_max_asks} asks: {', '.join(unsatisfied[:10])}")
             if client.budget_exhausted:
                 stopped = " and ".join(budgets_spent(cfg, client.prompt_used, client.completion_used)) + " spent"
-        write_jsonl(rejected_path, rejected)
-        write_jsonl(aug_path, accepted)
+        write_jsonl(os.path.join(step_dir, "rejected.jsonl"), rejected)
+        write_jsonl(os.path.join(step_dir, "augmented.jsonl"), accepted)
         teacher_seconds = time.time() - t0
+        extra = {"early_step": read_early_evaluation(step_dir)["step"]} if mode == "early" else {}
+        if mode == "early":
+            mistakes_time = read_early_evaluation(step_dir)["seconds"]
+        else:
+            mistakes_time = mistakes_seconds
         return {"iteration": i, "train_size": len(data), "n_seed": len(seed_rows), "n_wrong": len(wrong),
+                "mistakes": cfg.mistakes if teacher_round else "train", "n_wrong_train": len(wrong_train),
                 "n_parents": len(parents), "n_augmented": len(accepted), "n_rejected": len(rejected),
                 "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)), "unsatisfied": unsatisfied,
-                "seed_acc": 1 - len(wrong) / len(seed_rows),
+                "seed_acc": 1 - len(wrong_train) / len(seed_rows),
                 "test_acc": (sum(p["correct"] for p in test_preds) / len(test_preds)) if test_preds else None,
                 "teacher_prompt_tokens": usage["prompt"], "teacher_completion_tokens": usage["completion"],
                 "teacher_requests": usage["replies"],
                 "teacher_flops": teacher_flops(cfg, usage["prompt"], usage["completion"]),
                 "teacher_cost_usd": teacher_cost_usd(cfg, usage["prompt"], usage["completion"]),
                 "train_tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"],
-                "final_loss": stats["final_loss"], "eval_seconds": eval_seconds,
-                "teacher_seconds": teacher_seconds, "stopped": stopped, **sampling}
+                "final_loss": stats["final_loss"], "eval_seconds": eval_seconds, "mistakes_seconds": mistakes_time,
+                "teacher_seconds": teacher_seconds, "stopped": stopped, **extra, **sampling}
 
     return dist.from_rank0(ask_teacher)
+
+
+# -----------------------------------------------------------------------------
+# Finding the mistakes. A student that has learned its seed set gets none of it wrong, and then "the seed examples it
+# gets wrong" (the paper's signal, --mistakes train) is empty exactly when training works. Two other readings of
+# "what the student has not learned" survive a well-trained student:
+#   heldout:K  cross-fitting: the seed set is split into K folds; for each fold an adapter is trained on everything
+#              but that fold's seed examples and the teacher examples descended from them, and evaluated on the
+#              fold. A seed example is a mistake when the student that did not see it gets it wrong.
+#   early:F    training dynamics (the "hard to learn" examples of Dataset Cartography, Swayamdipta et al. 2020, and
+#              of Toneva et al. 2019): the seed set is evaluated once when the fine-tune has done a fraction F of its
+#              optimizer steps; a mistake is a seed example wrong then or at the end.
+# The main student of an iteration is trained on all its rows in every mode, and it is the one scored on the test set.
+
+def parse_mistakes(text):
+    """("train", None), ("heldout", K) or ("early", F) from --mistakes."""
+    name, _, arg = str(text).partition(":")
+    try:
+        if name == "train" and not arg:
+            return "train", None
+        if name == "heldout" and int(arg) >= 2:
+            return "heldout", int(arg)
+        if name == "early" and 0 < float(arg) < 1:
+            return "early", float(arg)
+    except ValueError:
+        pass
+    raise RunError(f"--mistakes {text!r}: use train, heldout:K with K >= 2 folds (e.g. heldout:3), or early:F with "
+                   f"0 < F < 1 (e.g. early:0.5)")
+
+
+def split_folds(task, seed_rows, k, seed, iteration):
+    """K folds of seed ids, in seed order: stratified by label (each label's examples are dealt round the folds in a
+    shuffled order, the deal carrying on from one label to the next, so fold sizes differ by at most one), seeded by
+    the run seed and the iteration."""
+    rng = random.Random(f"folds-{seed}-{iteration}")
+    groups = {}
+    for row in seed_rows:
+        groups.setdefault(str(task.stratify_key(row)), []).append(row["id"])
+    folds, dealt = [set() for _ in range(k)], 0
+    for key in sorted(groups):
+        ids = groups[key]
+        rng.shuffle(ids)
+        for seed_id in ids:
+            folds[dealt % k].add(seed_id)
+            dealt += 1
+    return [[row["id"] for row in seed_rows if row["id"] in fold] for fold in folds]
+
+
+def without_descendants(rows, held_out):
+    """rows less the held-out seed examples and every row descended from one of them, following the provenance's
+    parent_id up the chain (a teacher example written from a held-out seed would teach the answer back)."""
+    by_id = {row["id"]: row for row in rows}
+
+    def lineage(row):
+        seen = set()
+        while row is not None and row["id"] not in seen:
+            seen.add(row["id"])
+            yield row["id"]
+            parent = (row.get("provenance") or {}).get("parent_id")
+            row = by_id.get(parent, {"id": parent} if parent is not None else None)
+
+    return [row for row in rows if not any(ancestor in held_out for ancestor in lineage(row))]
+
+
+def heldout_mistakes(i, k, model, tokenizer, task, seed_rows, data, step_dir, cfg):
+    """({seed id: how it was flagged}, seconds) for --mistakes heldout:K. Fold j lives in step_dir/folds/fold_j:
+    fold.json (its held-out seed ids and training row ids, and once finished its statistics and time), adapter/,
+    train_stats.json and predictions.jsonl. A finished fold is read back; a kill during fold j resumes at fold j."""
+    folds = split_folds(task, seed_rows, k, cfg.seed, i)
+    flagged, seconds = {}, 0.0
+    for j, held in enumerate(folds):
+        folder = os.path.join(step_dir, "folds", f"fold_{j}")
+        summary_path = os.path.join(folder, "fold.json")
+        rows = without_descendants(data, set(held))
+
+        def finished():  # rank 0
+            if os.path.exists(summary_path):
+                with open(summary_path) as f:
+                    summary = json.load(f)
+                if "eval_seconds" in summary:
+                    return summary, read_jsonl(os.path.join(folder, "predictions.jsonl"))
+            os.makedirs(folder, exist_ok=True)
+            write_json(summary_path, {"heldout_ids": held, "train_ids": [row["id"] for row in rows]})
+
+        done = dist.from_rank0(finished)
+        if done is None:
+            stats = fine_tune(model, tokenizer, task, rows, folder, cfg, cfg.seed + i,
+                              f"iteration {i}, fold {j + 1} of {k} ({len(held)} seed examples held out)")
+            t0 = time.time()
+            predictions = evaluate(model, tokenizer, task, [row for row in seed_rows if row["id"] in set(held)],
+                                   os.path.join(folder, "predictions.jsonl"), cfg, f"iter {i} fold {j + 1} eval")
+            summary = {"heldout_ids": held, "train_ids": [row["id"] for row in rows], **stats,
+                       "eval_seconds": time.time() - t0}
+            if dist.is_main():
+                write_json(summary_path, summary)
+                done = summary, predictions
+        if dist.is_main():
+            summary, predictions = done
+            seconds += summary["train_seconds"] + summary["eval_seconds"]
+            flagged.update({p["id"]: f"wrong when held out (fold {j + 1} of {k})" for p in predictions
+                            if not p["correct"]})
+    return flagged, seconds
+
+
+def early_evaluation(i, fraction, model, tokenizer, task, seed_rows, step_dir, cfg):
+    """The on_step hook of --mistakes early:F: evaluate the seed set once, after round(F * steps) optimizer steps
+    (at least 1), into seed_predictions_early.jsonl, and record the step and time in early_eval.json. A resumed
+    training passes that step again and finds the evaluation saved."""
+    path = os.path.join(step_dir, "seed_predictions_early.jsonl")
+
+    def on_step(step, total):
+        if step != max(1, round(fraction * total)):
+            return
+        t0 = time.time()
+        evaluate(model, tokenizer, task, seed_rows, path, cfg, f"iter {i} seed eval at step {step}")
+        info_path = os.path.join(step_dir, "early_eval.json")
+        if dist.is_main() and not os.path.exists(info_path):
+            write_json(info_path, {"step": step, "steps": total, "fraction": fraction, "seconds": time.time() - t0})
+
+    return on_step
+
+
+def read_early_evaluation(step_dir):
+    with open(os.path.join(step_dir, "early_eval.json")) as f:
+        return json.load(f)
+
+
+def loop_ends(row, cfg):
+    """Why the loop stops after this student, or None when another fine-tune follows. compare.py asks the same
+    question of a finished run, so "finished" means one thing everywhere."""
+    if row["iteration"] >= cfg.iterations:
+        return "the last iteration"
+    if row.get("stopped"):
+        # the examples already paid for are trained on: one more fine-tune, then stop
+        return None if row["n_augmented"] else row["stopped"]
+    if row.get("n_parents", row["n_wrong"]) == 0:
+        return "no seed example is wrong" if row["n_wrong"] == 0 else "no parents were drawn"
+    return None
 
 
 # -----------------------------------------------------------------------------

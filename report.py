@@ -57,7 +57,8 @@ def iter_dir(run_dir, iteration):
 def load_run(run_dir):
     """Everything the report needs from run_dir, as plain data:
     {"run_dir": Path, "config": dict ({} when absent), "metrics": [row per finished iteration, by iteration],
-     "seed": {id: row}, "seed_predictions": {iteration: [row]}, "augmented": {iteration: [row]}}"""
+     "seed": {id: row}, "seed_predictions": {iteration: [row]}, "augmented": {iteration: [row]},
+     "mistakes": {iteration: [{"id", "mistakes", "by"}]}}"""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     metrics = _read_jsonl(metrics_path) if metrics_path.is_file() else []
@@ -88,6 +89,7 @@ def load_run(run_dir):
         "seed_predictions": {i: _read_jsonl_if_present(iter_dir(run_dir, i) / "seed_predictions.jsonl")
                              for i in iterations},
         "augmented": {i: _read_jsonl_if_present(iter_dir(run_dir, i) / "augmented.jsonl") for i in iterations},
+        "mistakes": {i: _read_jsonl_if_present(iter_dir(run_dir, i) / "mistakes.jsonl") for i in iterations},
     }
 
 
@@ -99,10 +101,17 @@ def load_run(run_dir):
 COLUMNS = ["iter", "train", "wrong", "augmented", "rejected", "seed acc", "test acc", "teacher tok", "time"]
 # shown only for runs that recorded them: FLOPs need the teacher's size, dollars its prices
 COST_COLUMNS = {"teacher FLOPs": "teacher_flops", "teacher USD": "teacher_cost_usd"}
+# shown only for runs that found their mistakes another way than the trained student's answers (--mistakes)
+MISTAKE_COLUMNS = ["mistakes", "wrong after training", "mistakes time"]
+
+
+def finds_mistakes_apart(metrics):
+    return any(m.get("mistakes", "train") != "train" for m in metrics)
 
 
 def columns(metrics):
-    return COLUMNS + [name for name, key in COST_COLUMNS.items() if any(m.get(key) is not None for m in metrics)]
+    return COLUMNS + (MISTAKE_COLUMNS if finds_mistakes_apart(metrics) else []) + [
+        name for name, key in COST_COLUMNS.items() if any(m.get(key) is not None for m in metrics)]
 
 
 def _pct(fraction):
@@ -149,7 +158,8 @@ def rejected_cell(row):
 
 def table_cells(metrics):
     """One list of display strings per iteration, in columns(metrics) order."""
-    rows, cost = [], [COST_COLUMNS[name] for name in columns(metrics)[len(COLUMNS):]]
+    rows, cost = [], [COST_COLUMNS[name] for name in columns(metrics) if name in COST_COLUMNS]
+    apart = finds_mistakes_apart(metrics)
     for m in metrics:
         tokens = _sum_known(m, ["teacher_prompt_tokens", "teacher_completion_tokens"])
         rows.append([
@@ -161,8 +171,10 @@ def table_cells(metrics):
             _pct(m.get("seed_acc")),
             _pct(m.get("test_acc")),
             _count(tokens),
-            _duration(_sum_known(m, ["train_seconds", "eval_seconds", "teacher_seconds"])),
-        ] + [_cost(m.get(key), key) for key in cost])
+            _duration(_sum_known(m, ["train_seconds", "eval_seconds", "mistakes_seconds", "teacher_seconds"])),
+        ] + ([m.get("mistakes", "train"), _count(m.get("n_wrong_train", m.get("n_wrong"))),
+              _duration(m.get("mistakes_seconds") or 0.0)] if apart else [])
+            + [_cost(m.get(key), key) for key in cost])
     return rows
 
 
@@ -395,9 +407,13 @@ def render_markdown(run):
     lines += _markdown_table(run["metrics"])
     lines += ["", "*wrong* counts the seed examples this iteration's student gets wrong; *augmented* and *rejected* "
                   "count the teacher rows written from them (accepted rows join the next iteration's training data); "
-                  "*teacher tok* is prompt + completion tokens; *time* is train + eval + teacher time." +
+                  "*teacher tok* is prompt + completion tokens; *time* is train + eval + mistake-finding + teacher "
+              "time." + (" *wrong* counts the seed examples flagged under *mistakes* (--mistakes), *wrong after "
+                         "training* those the trained student answers wrong; *mistakes time* is the extra training "
+                         "and evaluation spent finding them (the last student's are not searched: no teacher "
+                         "round follows)." if finds_mistakes_apart(run["metrics"]) else "") +
               (" *teacher FLOPs* is 2 x the teacher's parameters x its tokens, *teacher USD* its tokens at the "
-               "given prices per million." if len(columns(run["metrics"])) > len(COLUMNS) else ""),
+               "given prices per million." if any(c in COST_COLUMNS for c in columns(run["metrics"])) else ""),
               ""]
     sampled = sampling_cells(run["metrics"])
     if sampled:
@@ -407,8 +423,9 @@ def render_markdown(run):
                       "*diversity@k*: mean number of distinct answer-correct solutions per problem; *FPR (notes)*: "
                       "share of answer-correct solutions with a wrong <<a*b=c>> calculator note (a lower bound); "
                       "*FPR (judge)*: share the judge rated unsound.", ""]
-    lines += ["![seed and test accuracy per iteration](report.svg)", "",
-              "## Seed examples fixed by the loop", ""]
+    lines += ["![seed and test accuracy per iteration](report.svg)", ""]
+    lines += mistakes_section(run)
+    lines += ["## Seed examples fixed by the loop", ""]
     if wrong_to_right:
         n = len(wrong_to_right)
         lines += [f"{n} seed example{'s were' if n > 1 else ' was'} wrong at some iteration and "
@@ -422,6 +439,21 @@ def render_markdown(run):
     lines += ["", f"Seed examples that went from right to wrong (right at some iteration, wrong at the last): "
                   f"{n_right_to_wrong}.", ""]
     return "\n".join(lines)
+
+
+def mistakes_section(run):
+    """The seed examples each iteration flagged as mistakes (the teacher's parents with --augment wrong), each with
+    the --mistakes mode that flagged it and how."""
+    flagged = {i: rows for i, rows in run["mistakes"].items() if rows}
+    if not flagged:
+        return []
+    lines = ["## Seed examples flagged as mistakes", "",
+             "| iter | seed id | mistakes | flagged because | prompt |", "|---:|---|---|---|---|"]
+    for i, rows in sorted(flagged.items()):
+        lines += [f"| {i} | {md_escape(r.get('id'))} | {md_escape(r.get('mistakes', 'train'))} | "
+                  f"{md_escape(r.get('by', ''))} | {md_escape(snippet(run['seed'].get(str(r.get('id')), {})))} |"
+                  for r in rows]
+    return lines + [""]
 
 
 def _write_atomic(path, text):

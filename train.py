@@ -368,7 +368,7 @@ def set_grad_checkpointing(model, enabled):
 def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_steps=0, max_steps=None,
           micro_batch_tokens="auto", warmup_frac=0.1, weight_decay=0.0, grad_clip=1.0, precision=None, seed=0,
           max_seq_len=1024, checkpoint_path=None, checkpoint_every_s=60.0, grad_checkpoint=False, compile=False,
-          progress=True):
+          progress=True, on_step=None):
     """Train the model's LoRA parameters on (prompt, response) pairs. Returns a dict of statistics.
 
     `epochs` is raised until the run takes at least `min_steps` optimizer steps: a seed set of 50 rows at 3 epochs
@@ -379,7 +379,12 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     micro_batch_tokens: padded tokens per forward/backward, or "auto": on CUDA the most that fit in free memory,
     on CPU 4096. grad_checkpoint: recompute each decoder layer in backward instead of keeping its activations.
     compile: torch.compile the decoder, with padded lengths bucketed to multiples of 64 so shapes repeat. On CUDA
-    with bf16/fp16, frozen fp32 weights are cast to that dtype once (see cast_frozen_weights)."""
+    with bf16/fp16, frozen fp32 weights are cast to that dtype once (see cast_frozen_weights).
+
+    on_step(step, total): called after each optimizer step (step counts from 1) and before a checkpoint can be
+    written, so a checkpoint past a step always follows that step's call; the loop evaluates the student mid-way
+    through it (--mistakes early:F). Its time is not counted in train_seconds, and the model is put back in
+    training mode after it."""
     if not pairs:
         raise TrainingError("no training examples")
     params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -456,6 +461,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     body = torch.compile(model.base_model) if compile else model.base_model
     bar = tqdm(total=len(steps), initial=start_step, desc="train", disable=not progress, leave=False)
     t0, last_save = time.time(), time.time()
+    paused = 0.0  # seconds spent in on_step
     tokens_at_start = tokens_seen
     for step in range(start_step, len(steps)):
         lr_now = lr_at(step, len(steps), lr, warmup)
@@ -497,6 +503,11 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
         elapsed = time.time() - t0
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{(tokens_seen - tokens_at_start) / max(elapsed, 1e-9):.0f}")
         bar.update(1)
+        if on_step is not None:
+            t_hook = time.time()
+            on_step(step + 1, len(steps))
+            model.train()
+            paused += time.time() - t_hook
         # rank 0's clock decides, so all ranks take part in gathering the RNG states at the same step
         save_now = time.time() - last_save >= checkpoint_every_s and step + 1 < len(steps)
         if checkpoint_path and (dist.broadcast_object(save_now) if dist.world_size() > 1 else save_now):
@@ -506,6 +517,7 @@ def train(model, tokenizer, pairs, *, epochs=3, lr=2e-4, batch_size=16, min_step
     if grad_checkpoint:
         set_grad_checkpointing(model, False)
     model.eval()
-    return {"steps": len(steps), "epochs": epochs, "train_tokens": tokens_seen, "train_seconds": time.time() - t0,
+    return {"steps": len(steps), "epochs": epochs, "train_tokens": tokens_seen,
+            "train_seconds": time.time() - t0 - paused,
             "final_loss": loss_history[-1] if loss_history else None, "loss_history": loss_history,
             "resumed_at_step": start_step}

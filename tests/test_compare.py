@@ -135,7 +135,7 @@ def without_seconds(summary):
 
 def test_each_arm_sends_its_parents_and_only_seed_examples(comparison):
     out = comparison["out"]
-    targeted_somewhere = random_differs_somewhere = False
+    targeted_somewhere = random_differs_somewhere = random_budget_differs = False
     seed_texts = set()
     for seed in SEEDS:
         seed_rows = read_jsonl(out / f"llm2llm-seed{seed}" / "seed.jsonl")
@@ -157,13 +157,18 @@ def test_each_arm_sends_its_parents_and_only_seed_examples(comparison):
                 if arm == "all":
                     assert sorted(set(parents)) == sorted(seed_ids)
                 elif arm == "random":
-                    assert len(set(parents)) == len(wrong)  # the same budget as llm2llm's targeting
+                    # the same budget as llm2llm's targeting: as many parents as llm2llm sent in this seed and
+                    # iteration, whatever its own student gets wrong
+                    sent = metrics(out / f"llm2llm-seed{seed}")[m["iteration"]]["n_parents"]
+                    assert len(set(parents)) == sent
                     random_differs_somewhere |= sorted(set(parents)) != wrong
+                    random_budget_differs |= len(wrong) != sent
                 else:
                     assert sorted(set(parents)) == wrong
                 targeted_somewhere |= 0 < len(wrong) < len(seed_ids)
     # the checks above told the arms apart: some seeds right and some wrong, and a random draw that missed
-    assert targeted_somewhere and random_differs_somewhere
+    # and random's own student got another number wrong somewhere, where the old rule would have asked for that
+    assert targeted_somewhere and random_differs_somewhere and random_budget_differs
     # over HTTP the teacher was only ever shown seed examples, never an augmented one
     assert comparison["sent"] and set(comparison["sent"]) <= seed_texts
 

@@ -248,3 +248,24 @@ def test_fsdp_lockstep_gives_every_rank_as_many_micro_batches(monkeypatch):
             assert all(w == 0.0 for w in weights[len(micro):]) and all(len(m) == 1 for m in padded[len(micro):])
             counts.append(len(padded))
         assert len(set(counts)) == 1 and counts[0] >= 1
+
+
+@pytest.mark.parametrize("mode", ["heldout:2", "early:0.5"])
+def test_each_mistakes_mode_under_two_processes_matches_one_process(mode, tiny_llama_dir, data_dir, teacher,
+                                                                     tmp_path):
+    """--mistakes heldout trains its fold adapters data-parallel and gathers their evaluations; early evaluates the
+    seed set inside the training loop, on every rank at the same step."""
+    argv = lambda out: flags(tiny_llama_dir, data_dir, out, teacher.url, "--mistakes", mode,  # noqa: E731
+                             "--lr", "5e-3", "--train-steps", "6")
+    assert llm2llm.main(argv(tmp_path / "one")) == 0
+    torchrun(argv(tmp_path / "two"))
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert one[0]["mistakes"] == mode and one[0]["n_wrong"] > 0
+    timings = {"mistakes_seconds", "final_loss"}
+    assert [{k: v for k, v in m.items() if k not in timings} for m in without_timings(two)] == \
+        [{k: v for k, v in m.items() if k not in timings} for m in without_timings(one)]
+    names = ["mistakes.jsonl", "augmented.jsonl"] + (
+        [f"folds/fold_{j}/predictions.jsonl" for j in (0, 1)] if mode.startswith("heldout") else
+        ["seed_predictions_early.jsonl"])
+    for name in names:
+        assert read_jsonl(tmp_path / "two" / "iter_00" / name) == read_jsonl(tmp_path / "one" / "iter_00" / name), name
