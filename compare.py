@@ -4,16 +4,16 @@ The method's claim is comparative: targeted augmentation should beat plain fine-
 example, and augmenting random seed examples at the same teacher budget. This file runs those arms over several
 seeds and says how sure the difference is:
 
-    python llm2llm.py compare --task trec --seeds 0,1,2 --out runs/cmp [--arms ARMS] [any loop flag]
-    python compare.py --task trec --seeds 0,1,2 --out runs/cmp                # the same
+    python compare.py --task trec --seeds 0,1,2 --out runs/cmp [--arms ARMS] [any loop flag]
 
 Every arm x seed is an ordinary run directory, DIR/<arm>-seed<k>, made by llm2llm.run() with the loop flags given
 plus what the arm changes; read any of them with `llm2llm.py report`. A killed comparison resumes where it
 stopped when run again with the same command: finished runs are not touched, an unfinished one resumes as any run
 does, and every teacher reply is cached. The first student (iteration 0) is the same in every arm but
-finetune-matched (and an arm with --mistakes early, which evaluates the seed set part-way through that
-fine-tune), so it is trained once per seed, in the llm2llm run, and shared. Arms (--arms, comma-separated; default finetune,finetune-matched,llm2llm,
-random; llm2llm is always run, since the paired tests and two arms' budgets are measured against it):
+finetune-matched (and an arm with --mistakes early, which evaluates the seed set part-way through that fine-tune),
+so it is trained once per seed, in the llm2llm run, and shared. Arms (--arms, comma-separated; default
+finetune,finetune-matched,llm2llm,random; llm2llm is always run, since the paired tests and three arms' budgets are
+measured against it):
 
     finetune          iteration 0 only: fine-tuning on the seed set
     finetune-matched  iteration 0 only, trained for as many optimizer steps as the final llm2llm student of the same
@@ -50,12 +50,18 @@ import zlib
 from dataclasses import asdict, replace
 
 import torch
+from safetensors import safe_open
 
 import llm2llm
+import rundir
+from config import RESUME_NEUTRAL, RunError, parse_args as parse_loop_args, parse_mistakes
+from cost import count_parameters
 from generate import ModelLoadError
 from lora import LoRAError
 from report import ReportError, md_escape, svg_escape
+from rundir import load_metrics, read_jsonl, write_json
 from tasks import TaskError
+from teacher import TeacherError
 from train import TrainingError
 
 REFERENCE = "llm2llm"
@@ -67,7 +73,7 @@ ARM_FLAGS = ("--augment", "--continue-training", "--seed")
 
 
 # -----------------------------------------------------------------------------
-# Command line: the comparison's own flags; everything else is a loop flag, parsed by llm2llm.parse_args
+# Command line: the comparison's own flags; everything else is a loop flag, parsed by config.parse_args
 
 def add_seed_flags(parser):
     """The flags every comparison has: its seeds and the paired bootstrap (compare-teachers uses them too)."""
@@ -82,18 +88,18 @@ def read_seeds(args, base):
     try:
         seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
-        raise llm2llm.RunError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+        raise RunError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
     if not seeds:
-        raise llm2llm.RunError("--seeds is empty: give at least one seed, e.g. 0,1,2")
+        raise RunError("--seeds is empty: give at least one seed, e.g. 0,1,2")
     if args.bootstrap_resamples < 1:
-        raise llm2llm.RunError(f"--bootstrap-resamples must be positive, got {args.bootstrap_resamples}")
+        raise RunError(f"--bootstrap-resamples must be positive, got {args.bootstrap_resamples}")
     if base.test_limit == 0:
-        raise llm2llm.RunError("--test-limit 0 leaves no test set to compare on")
+        raise RunError("--test-limit 0 leaves no test set to compare on")
     return seeds
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="llm2llm.py compare", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="compare.py", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0],
                                      epilog="Every other flag is a loop flag (see `llm2llm.py --help`) and applies "
                                             "to every arm.")
@@ -104,17 +110,17 @@ def parse_args(argv):
     args, rest = parser.parse_known_args(argv)
     taken = [flag for flag in ARM_FLAGS if any(a == flag or a.startswith(flag + "=") for a in rest)]
     if taken:
-        raise llm2llm.RunError(f"{', '.join(taken)}: set by each arm in a comparison; use --arms and --seeds "
+        raise RunError(f"{', '.join(taken)}: set by each arm in a comparison; use --arms and --seeds "
                                f"(and the comparison's own --out)")
-    base = llm2llm.parse_args(rest)
+    base = parse_loop_args(rest)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS and not a.startswith(MODE_ARM)]
     if unknown or not arms:
-        raise llm2llm.RunError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(ARMS)}, "
+        raise RunError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(ARMS)}, "
                                f"or {MODE_ARM}MODE for llm2llm with another --mistakes (e.g. {MODE_ARM}train)")
     for arm in arms:
         if arm.startswith(MODE_ARM):
-            llm2llm.parse_mistakes(arm[len(MODE_ARM):])
+            parse_mistakes(arm[len(MODE_ARM):])
     same = [a for a in arms if a == MODE_ARM + base.mistakes]
     if same:
         print(f"note: {same[0]} is the {REFERENCE} arm itself (--mistakes {base.mistakes}); running it once")
@@ -175,12 +181,19 @@ FIRST_STUDENT_FILES = ("adapter", "train_stats.json", "seed_predictions.jsonl", 
 
 def share_first_student(reference_dir, cfg):
     source, target = os.path.join(reference_dir, "iter_00"), os.path.join(cfg.out, "iter_00")
-    if llm2llm.parse_mistakes(cfg.mistakes)[0] == "early" and cfg.iterations > 0:
+    if parse_mistakes(cfg.mistakes)[0] == "early" and cfg.iterations > 0:
         return  # --mistakes early evaluates the seed set part-way through this very fine-tune: it trains its own
     if not all(os.path.exists(os.path.join(source, name)) for name in FIRST_STUDENT_FILES):
         return
     if os.path.exists(os.path.join(target, "train_stats.json")):
         return  # already there, or this arm trained its own
+    weights = os.path.join(source, "adapter", "adapter_model.safetensors")
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except Exception as e:  # missing, truncated or not safetensors: never copied on to other arms
+        raise RunError(f"the first student shared by every arm of this seed is damaged: {weights} ({type(e).__name__}:"
+                       f" {str(e).splitlines()[0][:120]}). Delete {reference_dir} to train it again, then rerun.") from None
     os.makedirs(target, exist_ok=True)
     for name in ("seed_predictions.jsonl", "test_predictions.jsonl"):
         shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
@@ -196,23 +209,23 @@ def is_finished(cfg):
         return False
     with open(path) as f:
         old = json.load(f)
-    if any(old.get(k) != v for k, v in asdict(cfg).items() if k not in llm2llm.RESUME_NEUTRAL and k != "force"):
+    if any(old.get(k) != v for k, v in asdict(cfg).items() if k not in RESUME_NEUTRAL and k != "force"):
         return False  # run() resumes it, or says what differs
-    metrics = llm2llm.load_metrics(cfg.out)
+    metrics = load_metrics(cfg.out)
     return bool(metrics) and llm2llm.loop_ends(metrics[max(metrics)], cfg) is not None
 
 
 def load_result(run_dir):
     """What the comparison reads from one finished run directory."""
-    metrics = [m for _, m in sorted(llm2llm.load_metrics(run_dir).items())]
+    metrics = [m for _, m in sorted(load_metrics(run_dir).items())]
     last = metrics[-1]
     if last.get("test_acc") is None:
-        raise llm2llm.RunError(f"{run_dir} has no test accuracy: a comparison needs a test split")
+        raise RunError(f"{run_dir} has no test accuracy: a comparison needs a test split")
     steps = []
     for m in metrics:
         with open(os.path.join(run_dir, f"iter_{m['iteration']:02d}", "train_stats.json")) as f:
             steps.append(json.load(f)["steps"])
-    predictions = llm2llm.read_jsonl(os.path.join(run_dir, f"iter_{last['iteration']:02d}", "test_predictions.jsonl"))
+    predictions = read_jsonl(os.path.join(run_dir, f"iter_{last['iteration']:02d}", "test_predictions.jsonl"))
     return {"metrics": metrics, "test_acc": last["test_acc"], "curve": [m["test_acc"] for m in metrics],
             "teacher_accepted": sum(m["n_augmented"] for m in metrics),
             "teacher_tokens": sum(m["teacher_prompt_tokens"] + m["teacher_completion_tokens"] for m in metrics),
@@ -275,7 +288,7 @@ def paired_bootstrap(a, b, resamples, seed, level=0.95):
     seeds = sorted(a)
     items = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
     if not items:
-        raise llm2llm.RunError("the arms share no test item to compare on")
+        raise RunError("the arms share no test item to compare on")
     # per item, the difference summed over seeds: integers, so every resample's sum is exact
     d = torch.tensor([sum(int(a[s][i]) - int(b[s][i]) for s in seeds) for i in items], dtype=torch.int64)
     n, denominator = len(items), len(items) * len(seeds)
@@ -479,7 +492,7 @@ def render_svg(summary, title):
 
 
 def write_outputs(summary, base, out):
-    llm2llm.write_json(os.path.join(out, "compare.json"), summary)
+    write_json(os.path.join(out, "compare.json"), summary)
     write_texts(out, {"compare.md": render_markdown(summary, base),
                       "compare.svg": render_svg(summary, f"llm2llm comparison: test accuracy ({base.task})")})
     return render_table(summary)
@@ -503,7 +516,7 @@ def compare(base, arms, seeds, args, run=None):
     if base.teacher_params is None and not (base.teacher_url or os.environ.get("OPENAI_BASE_URL")) and \
             base.iterations > 0:
         try:  # the embedded teacher's size, as run() counts it, for the same reason
-            base.teacher_params = llm2llm.count_parameters(base.teacher_model)
+            base.teacher_params = count_parameters(base.teacher_model)
         except (OSError, ValueError, KeyError):
             pass  # run() says that FLOPs are not reported
     os.makedirs(args.out, exist_ok=True)
@@ -538,10 +551,14 @@ def run_cli(argv, parse, comparison):
     out = None
     try:
         base, runs, seeds, args = parse(argv)
+        rundir.lock(args.out)  # one comparison per folder, for the whole comparison (each run locks its own too)
         out = args.out
-        comparison(base, runs, seeds, args)
+        try:
+            comparison(base, runs, seeds, args)
+        finally:
+            rundir.unlock(args.out)
         return 0
-    except (llm2llm.RunError, ModelLoadError, TaskError, LoRAError, TrainingError, ReportError) as e:
+    except (RunError, ModelLoadError, TaskError, LoRAError, TrainingError, ReportError, TeacherError) as e:
         print(f"error: {e}" + (f"\nThe finished runs are kept in {out}: rerun the same command to continue."
                                if out and os.path.isdir(out) else ""), file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ problem. This command sets S_SE = k (--samples-per-wrong in solutions mode, --au
 in both), gives the cheaper teacher round(P_SE / P_WC * k), at least 1, and runs the loop with each teacher over
 several seeds:
 
-    python llm2llm.py compare-teachers --task gsm8k --out runs/teachers --seeds 0,1,2 \\
+    python compare_teachers.py --task gsm8k --out runs/teachers --seeds 0,1,2 \\
         --teacher-a http://host-a:8000/v1 --model-a gemma-2-9b-it --params-a 9e9 \\
         --teacher-b http://host-b:8000/v1 --model-b gemma-2-27b-it --params-b 27e9 \\
         --teacher-mode solutions --samples-per-wrong 4 [any loop flag]
@@ -40,7 +40,10 @@ from dataclasses import replace
 
 import compare
 import llm2llm
+from config import RunError, parse_args as parse_loop_args
+from cost import count_parameters
 from report import md_escape
+from rundir import write_json
 
 LABELS = ("a", "b")
 # loop flags each teacher's runs set themselves, so the comparison cannot take them
@@ -58,7 +61,7 @@ def is_url(spec):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="llm2llm.py compare-teachers", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="compare_teachers.py", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0],
                                      epilog="Every other flag is a loop flag (see `llm2llm.py --help`) and applies "
                                             "to every run.")
@@ -82,18 +85,18 @@ def parse_args(argv):
     args, rest = parser.parse_known_args(argv)
     taken = [flag for flag in TEACHER_FLAGS if any(a == flag or a.startswith(flag + "=") for a in rest)]
     if taken:
-        raise llm2llm.RunError(f"{', '.join(taken)}: set for each teacher in a teacher comparison; use --teacher-a/b, "
+        raise RunError(f"{', '.join(taken)}: set for each teacher in a teacher comparison; use --teacher-a/b, "
                                f"--model-a/b, --params-a/b, --price-in-a/b, --price-out-a/b, --seeds and --out")
-    base = llm2llm.parse_args(rest)
+    base = parse_loop_args(rest)
     seeds = compare.read_seeds(args, base)
     if base.iterations < 1:
-        raise llm2llm.RunError("--iterations 0 never asks a teacher: nothing to compare")
+        raise RunError("--iterations 0 never asks a teacher: nothing to compare")
     if args.label_a == args.label_b:
-        raise llm2llm.RunError(f"--label-a and --label-b are both {args.label_a!r}: give the teachers different names")
+        raise RunError(f"--label-a and --label-b are both {args.label_a!r}: give the teachers different names")
     for x in LABELS:
         label = getattr(args, f"label_{x}")
         if not label or any(c in label for c in "/\\") or label.startswith("."):
-            raise llm2llm.RunError(f"--label-{x} {label!r} names a run directory: use letters, digits, - and _")
+            raise RunError(f"--label-{x} {label!r} names a run directory: use letters, digits, - and _")
     return base, teachers(args), seeds, args
 
 
@@ -104,17 +107,17 @@ def teachers(args):
         spec = getattr(args, f"teacher_{x}")
         url = spec if is_url(spec) else None
         if url is None and os.environ.get("OPENAI_BASE_URL"):
-            raise llm2llm.RunError(f"--teacher-{x} {spec} is a model for the embedded server, but $OPENAI_BASE_URL is "
+            raise RunError(f"--teacher-{x} {spec} is a model for the embedded server, but $OPENAI_BASE_URL is "
                                    f"set and the loop would send its requests there: unset it, or give a URL")
         model = getattr(args, f"model_{x}") or spec
         if url and not getattr(args, f"model_{x}"):
-            raise llm2llm.RunError(f"--teacher-{x} is a URL: name the model it serves with --model-{x}")
+            raise RunError(f"--teacher-{x} is a URL: name the model it serves with --model-{x}")
         if url is None and getattr(args, f"model_{x}") not in (None, spec):
-            raise llm2llm.RunError(f"--model-{x} names the model at a URL; the embedded server loads --teacher-{x} "
+            raise RunError(f"--model-{x} names the model at a URL; the embedded server loads --teacher-{x} "
                                    f"({spec}) itself")
         price_in, price_out = getattr(args, f"price_in_{x}"), getattr(args, f"price_out_{x}")
         if (price_in is None) != (price_out is None):
-            raise llm2llm.RunError(f"give both --price-in-{x} and --price-out-{x} (USD per million prompt and "
+            raise RunError(f"give both --price-in-{x} and --price-out-{x} (USD per million prompt and "
                                    f"completion tokens; 0 for a side that is free)")
         out.append({"label": getattr(args, f"label_{x}"), "url": url, "model": model,
                     "params": getattr(args, f"params_{x}"), "price_in": price_in, "price_out": price_out})
@@ -134,23 +137,23 @@ def matched_samples(teachers_, k, match="auto"):
     for t in teachers_:
         if t["params"] is None and t["url"] is None:
             try:  # the embedded teacher: its size is in its config
-                t["params"] = llm2llm.count_parameters(t["model"])
+                t["params"] = count_parameters(t["model"])
             except (OSError, ValueError, KeyError) as e:
                 print(f"note: could not count the parameters of {t['model']} ({str(e).splitlines()[0]})")
     if match == "auto":
         match = "params" if known("params") else "price" if known("price_in") else None
         if match is None:
-            raise llm2llm.RunError("the matching rule needs both teachers' sizes (--params-a and --params-b) or both "
+            raise RunError("the matching rule needs both teachers' sizes (--params-a and --params-b) or both "
                                    "teachers' prices (--price-in-a/--price-out-a and --price-in-b/--price-out-b)")
     if match == "params" and not known("params"):
-        raise llm2llm.RunError("--match params needs both teachers' sizes: pass --params-a and --params-b (e.g. 9e9)")
+        raise RunError("--match params needs both teachers' sizes: pass --params-a and --params-b (e.g. 9e9)")
     if match == "price" and not known("price_in"):
-        raise llm2llm.RunError("--match price needs both teachers' prices: pass --price-in-a/--price-out-a and "
+        raise RunError("--match price needs both teachers' prices: pass --price-in-a/--price-out-a and "
                                "--price-in-b/--price-out-b")
     for t in teachers_:
         t["cost"] = t["params"] if match == "params" else t["price_in"] + t["price_out"]
         if not t["cost"] > 0:
-            raise llm2llm.RunError(f"teacher {t['label']}: its {'size' if match == 'params' else 'price'} must be "
+            raise RunError(f"teacher {t['label']}: its {'size' if match == 'params' else 'price'} must be "
                                    f"positive to match compute by it, got {t['cost']}")
     expensive, cheap = sorted(teachers_, key=lambda t: t["cost"], reverse=True)
     ratio = expensive["cost"] / cheap["cost"]
@@ -168,8 +171,13 @@ def teacher_config(base, teacher, seed, out):
     run_dir = os.path.join(out, f"{teacher['label']}-seed{seed}")
     budget = any(v is not None for v in (base.teacher_budget_tokens, base.teacher_budget_flops,
                                           base.teacher_budget_usd))
-    # one cache per teacher, shared by its seeds; with a budget each run keeps its own (as in compare.py)
-    cache = base.teacher_cache or (None if budget else os.path.join(out, f"teacher_cache-{teacher['label']}"))
+    # one cache per teacher, shared by its seeds; with a budget each run keeps its own (as in compare.py). A cache
+    # key holds the model name but not the endpoint, and two endpoints may serve different models under one name,
+    # so a --teacher-cache given by the user is split by teacher too: teacher B never reads teacher A's replies
+    if base.teacher_cache:
+        cache = os.path.join(base.teacher_cache, teacher["label"])
+    else:
+        cache = None if budget else os.path.join(out, f"teacher_cache-{teacher['label']}")
     cfg = replace(base, seed=seed, out=run_dir, teacher_cache=cache, teacher_url=teacher["url"],
                   teacher_model=teacher["model"], teacher_params=teacher["params"],
                   teacher_price_in=teacher["price_in"], teacher_price_out=teacher["price_out"])
@@ -327,7 +335,7 @@ def render_markdown(summary, base):
 
 
 def write_outputs(summary, base, out):
-    llm2llm.write_json(os.path.join(out, "compare_teachers.json"), summary)
+    write_json(os.path.join(out, "compare_teachers.json"), summary)
     svg = compare.render_svg(summary, f"teachers at matched compute: test accuracy ({base.task})")
     compare.write_texts(out, {"compare_teachers.md": render_markdown(summary, base), "compare_teachers.svg": svg})
     return render_table(summary)
@@ -342,7 +350,7 @@ def compare_teachers(base, teachers_, seeds, args, run=None):
         base.seed_frac = 0.01  # as run() resolves it, so finished runs are recognised without loading a model
     k = {"questions": base.aug_per_wrong}.get(base.teacher_mode, base.samples_per_wrong)
     if k < 1:
-        raise llm2llm.RunError(f"the stronger teacher's k must be positive, got {k}")
+        raise RunError(f"the stronger teacher's k must be positive, got {k}")
     match, ratio = matched_samples(teachers_, k, args.match)
     os.makedirs(args.out, exist_ok=True)
     preview = {"rule": RULE, "match": match, "cost_ratio": ratio, "teacher_mode": base.teacher_mode,

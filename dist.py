@@ -14,6 +14,9 @@ A rank that dies or hangs must not leave the others waiting forever. Every colle
 rerunning the command resumes the run. Rank 0's own work (talking to the teacher, which may take far longer than
 any timeout) is covered by a heartbeat: while it works, rank 0 tells the waiting ranks it is alive every few
 seconds, so they wait as long as it lives and stop within the timeout once it does not.
+
+The student is loaded here too (whole, or with --fsdp sharded over the ranks), and a saved adapter is read by rank 0
+and sent to the others (attach_adapter), so only rank 0 ever reads the run directory.
 """
 import datetime
 import os
@@ -21,6 +24,9 @@ import threading
 
 import torch
 import torch.distributed as torch_dist
+
+from generate import ModelLoadError, load_model
+from lora import add_lora, load_adapter, lora_modules
 
 
 class RankLost(RuntimeError):
@@ -202,3 +208,42 @@ def interleave(shares):
     for r, part in enumerate(shares):
         out[r::len(shares)] = part
     return out
+
+
+# -----------------------------------------------------------------------------
+# The student on every rank: loaded whole, or sharded with --fsdp; adapters read by rank 0 and sent to the others
+
+def load_student(name, device, precision, fsdp):
+    """The student on this rank's device. With fsdp (under torchrun) each decoder layer's frozen weights are sharded
+    over the ranks (FSDP2); embeddings, final norm and lm_head stay whole on every rank, so the training loss may
+    call lm_head directly. Adapters added later stay whole too: FSDP manages only the parameters it was given."""
+    if not (fsdp and active()):
+        return load_model(name, device, precision, "student")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # every rank first loads the whole model into CPU memory, in the precision it computes in (bf16 on CUDA)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    model, tokenizer = load_model(name, torch.device("cpu"), precision, "student", dtype=low)
+    body = getattr(model, "model", None)
+    if not isinstance(getattr(body, "layers", None), torch.nn.ModuleList):
+        raise ModelLoadError(f"--fsdp shards Llama-family students (model.model.layers); {name} is a "
+                             f"{model.config.model_type} model: run it without --fsdp")
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for layer in body.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=low))  # moves shards to device
+    for child_name, child in body.named_children():
+        if child_name != "layers":
+            child.to(device)
+    model.lm_head.to(device)
+    return model, tokenizer
+
+
+def attach_adapter(model, adapter_dir, cfg):
+    """load_adapter on rank 0; the other ranks add an adapter of the same shape and receive its weights, so they
+    never read the run directory."""
+    if not active():
+        return load_adapter(model, adapter_dir)
+    if not lora_modules(model):
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, verbose=False)
+    from_rank0(lambda: load_adapter(model, adapter_dir) and None)
+    broadcast_tensors([p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)])

@@ -246,8 +246,15 @@ def load_adapter(model, adapter_dir):
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise LoRAError(f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict) or not isinstance(config.get("target_modules"), (str, list)) or not all(
+                isinstance(config.get(k), (int, float)) for k in ("r", "lora_alpha")):
+            raise ValueError("not an adapter config with target_modules, r and lora_alpha")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LoRAError(f"{config_path} is damaged ({str(e).splitlines()[0][:120]}): restore it, or delete the "
+                        f"adapter folder so that its training is redone") from None
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         raise LoRAError(f"{config_path}: only plain LoRA adapters are supported (no DoRA / rsLoRA)")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
@@ -256,7 +263,11 @@ def load_adapter(model, adapter_dir):
         targets = config["target_modules"]
         add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                  targets=[targets] if isinstance(targets, str) else targets, verbose=False)
-    state = load_file(weights_path)
+    try:
+        state = load_file(weights_path)
+    except Exception as e:  # a truncated or foreign file: safetensors says why
+        raise LoRAError(f"{weights_path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}): restore "
+                        f"it, or delete the adapter folder so that its training is redone") from None
     # peft writes keys without the adapter name; some older tools keep ".default" in them
     state = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
              for k, v in state.items()}

@@ -38,8 +38,9 @@ def _read_jsonl(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ReportError(f"{path} line {line_no}: not valid JSON ({e.msg}). If the run was killed while "
-                                  f"writing, resume it (which repairs the file) or delete that line.") from None
+                raise ReportError(f"{path} line {line_no}: not valid JSON ({e.msg}). If it is the last line, a kill "
+                                  f"cut it short: resume the run, which repairs it. Otherwise restore the line, or "
+                                  f"delete it and every line after it to redo those iterations.") from None
             if not isinstance(row, dict):
                 raise ReportError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}.")
             rows.append(row)

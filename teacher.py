@@ -37,7 +37,8 @@ import random
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import queue
+from collections import Counter
 
 import requests
 from tqdm import tqdm
@@ -74,15 +75,40 @@ def _cache_path(cache_dir, key):
 
 
 def _read_cache(cache_dir, key):
+    """A cached reply, or None. A cache file is data anyone may have edited: an entry that is not exactly the shape
+    this module writes (a non-empty list of {"text": str, "finish_reason": str} choices, token counts that are whole
+    numbers of 0 or more) is treated as a miss, with a warning naming the file, and asked again."""
     if not cache_dir:
         return None
+    path = _cache_path(cache_dir, key)
     try:
-        with open(_cache_path(cache_dir, key), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             entry = json.load(f)
-        if isinstance(entry.get("choices"), list) and entry["choices"]:
-            return entry
-    except (OSError, ValueError, AttributeError):
-        pass  # missing or damaged (e.g. a crash from an older version mid-write): ask again and overwrite
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        tqdm.write(f"warning: {path}: unreadable cached teacher reply ({type(e).__name__}); asking again")
+        return None
+    problem = _entry_problem(entry)
+    if problem:
+        tqdm.write(f"warning: {path}: {problem}; not a cached teacher reply, asking again")
+        return None
+    return entry
+
+
+def _entry_problem(entry):
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    choices = entry.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "'choices' is not a non-empty list"
+    if not all(isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("finish_reason"), str)
+               for c in choices):
+        return "a choice is not {text: string, finish_reason: string}"
+    for name in ("prompt_tokens", "completion_tokens", "prompt_tokens_computed"):
+        value = entry.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"'{name}' is not a whole number of 0 or more"
     return None
 
 
@@ -193,14 +219,18 @@ class Teacher:
       tokens_used                       -- budget_spent plus the tokens of every reply returned, cached or new:
                                            what the budget counts, so a resumed run spends as an uninterrupted one
       prompt_used, completion_used      -- the same, split into prompt and completion tokens (from spent_split)
+      prompt_computed_used              -- prompt tokens as computed: a reply of n samples prefills its prompt
+                                           once per sample, so this is the prompt times n where an API bills it once
+      cached_replies                    -- replies read from the cache
       budget_exhausted                  -- True once tokens_used reached budget_tokens, or once budget_over
-                                           (prompt_used, completion_used) is true; new requests are refused
+                                           (prompt_used, completion_used, prompt_computed_used) is true; new
+                                           requests are refused
       concurrency                       -- requests allowed in flight: `workers`, halved after a timeout
     With several workers the budget can be overshot by the replies already in flight when it runs out.
     """
 
     def __init__(self, url, model, *, api_key_env="OPENAI_API_KEY", cache_dir=None, workers=4, max_attempts=6,
-                 timeout=300.0, budget_tokens=None, budget_spent=0, budget_over=None, spent_split=(0, 0),
+                 timeout=300.0, budget_tokens=None, budget_spent=0, budget_over=None, spent_split=(0, 0, 0),
                  temperature=0.7, top_p=1.0, max_tokens=1024, seed=0, backoff=1.0, max_backoff=30.0):
         if max_attempts < 1 or workers < 1:
             raise ValueError("Teacher needs workers >= 1 and max_attempts >= 1")
@@ -222,7 +252,8 @@ class Teacher:
         self.completion_tokens = 0
         self.requests = 0
         self.tokens_used = budget_spent
-        self.prompt_used, self.completion_used = spent_split
+        self.prompt_used, self.completion_used, self.prompt_computed_used = spent_split
+        self.cached_replies = 0
         self.concurrency = workers
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -236,7 +267,8 @@ class Teacher:
     @property
     def budget_exhausted(self):
         return (self.budget_tokens is not None and self.tokens_used >= self.budget_tokens) or (
-            self.budget_over is not None and bool(self.budget_over(self.prompt_used, self.completion_used)))
+            self.budget_over is not None and bool(self.budget_over(self.prompt_used, self.completion_used,
+                                                                   self.prompt_computed_used)))
 
     # -- public -------------------------------------------------------------
 
@@ -256,16 +288,42 @@ class Teacher:
         for r in requests_:
             by_key.setdefault(r["key"], r)
             copies[r["key"]] = copies.get(r["key"], 0) + 1
+        # The workers are daemon threads, not a thread pool: an interrupt (Ctrl-C) returns at once instead of waiting
+        # for the requests in flight, which are abandoned (a reply that still completes is cached; nothing partial
+        # is), and no new request starts.
+        pending, finished, cancelled = list(by_key.items()), queue.Queue(), threading.Event()
+
+        def worker():
+            while not cancelled.is_set():
+                with self._lock:
+                    if not pending:
+                        return
+                    key, request = pending.pop(0)
+                try:
+                    finished.put((key, self._run(request)))
+                except BaseException as e:  # _run never raises for request trouble; a bug here should be loud
+                    finished.put((key, e))
+
+        for _ in range(min(self.workers, len(by_key))):
+            threading.Thread(target=worker, daemon=True, name="teacher-request").start()
         results = {}
         bar = tqdm(total=len(jobs), desc="teacher", unit="req", disable=not progress, dynamic_ncols=True)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = {pool.submit(self._run, r): key for key, r in by_key.items()}
-            for fut in as_completed(futures):
-                key = futures[fut]
-                results[key] = fut.result()  # _run never raises for request trouble; a bug here should be loud
+        try:
+            while len(results) < len(by_key):
+                try:
+                    key, result = finished.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                results[key] = result
                 bar.update(copies[key])
                 bar.set_postfix(tokens=self.prompt_tokens + self.completion_tokens, refresh=False)
-        bar.close()
+        except BaseException:
+            cancelled.set()
+            raise
+        finally:
+            bar.close()
         return [dict(results[r["key"]], choices=[dict(c) for c in results[r["key"]]["choices"]]) for r in requests_]
 
     # -- internals ------------------------------------------------------------
@@ -350,22 +408,28 @@ class Teacher:
 
     def _run(self, req):
         key, payload = req["key"], req["payload"]
-        result = {"choices": [], "prompt_tokens": 0, "completion_tokens": 0, "cache_key": key,
+        result = {"choices": [], "prompt_tokens": 0, "completion_tokens": 0, "prompt_tokens_computed": 0, "cache_key": key,
                   "cached": False, "error": None, "attempts": 0}
         entry = _read_cache(self.cache_dir, key)
         if entry is not None:  # paid for earlier (maybe by a run that was killed): counts toward the budget again
-            pt, ct = entry.get("prompt_tokens", 0) or 0, entry.get("completion_tokens", 0) or 0
+            pt, ct = entry.get("prompt_tokens", 0), entry.get("completion_tokens", 0)
+            # entries written before the computed count was kept: n samples of one request prefilled n prompts
+            n = entry.get("request", {}).get("n", 1) if isinstance(entry.get("request"), dict) else 1
+            pc = entry.get("prompt_tokens_computed", pt * n if isinstance(n, int) and n > 0 else pt)
             with self._lock:
                 self.tokens_used += pt + ct
                 self.prompt_used += pt
                 self.completion_used += ct
-            return dict(result, choices=entry["choices"], prompt_tokens=pt, completion_tokens=ct, cached=True)
+                self.prompt_computed_used += pc
+                self.cached_replies += 1
+            return dict(result, choices=entry["choices"], prompt_tokens=pt, completion_tokens=ct,
+                        prompt_tokens_computed=pc, cached=True)
 
         # Servers differ on n: llama.cpp's answers n=2 with one choice and no error. The missing choices are asked
         # for again, each top-up with its own seed (derived from the job's seed and the round), so k means k on
         # every server. A server that sends more than asked is cut to n. At most n requests: each adds a choice.
         want = payload.get("n", 1)
-        choices, pt, ct, attempts = [], 0, 0, 0
+        choices, pt, ct, pc, attempts = [], 0, 0, 0, 0
         for round_ in range(want):
             ask = dict(payload)
             if round_:
@@ -377,20 +441,23 @@ class Teacher:
                     ask["seed"] = job_seed(ask["seed"], payload["messages"], f"top-up {round_}")
             got, p, c, tries, error = self._post(ask)
             attempts += tries
-            pt, ct = pt + p, ct + c
+            # a request for n samples prefills its prompt n times (once per row), though an API bills it once
+            pt, ct, pc = pt + p, ct + c, pc + p * ask.get("n", 1)
             if error is not None:
-                return dict(result, error=error, attempts=attempts, prompt_tokens=pt, completion_tokens=ct)
+                return dict(result, error=error, attempts=attempts, prompt_tokens=pt, completion_tokens=ct,
+                            prompt_tokens_computed=pc)
             choices += got
             if len(choices) >= want:
                 break
         choices = choices[:want]
         if self.cache_dir:  # the request is stored beside the reply so a cache file is auditable
             try:
-                _write_cache(self.cache_dir, key, {"request": payload, "choices": choices,
-                                                   "prompt_tokens": pt, "completion_tokens": ct})
+                _write_cache(self.cache_dir, key, {"request": payload, "choices": choices, "prompt_tokens": pt,
+                                                   "completion_tokens": ct, "prompt_tokens_computed": pc})
             except OSError as e:  # a full disk must not throw away a reply that was paid for
                 tqdm.write(f"warning: could not cache a teacher reply in {self.cache_dir}: {e}")
-        return dict(result, choices=choices, prompt_tokens=pt, completion_tokens=ct, attempts=attempts)
+        return dict(result, choices=choices, prompt_tokens=pt, completion_tokens=ct, prompt_tokens_computed=pc,
+                    attempts=attempts)
 
     def _post(self, payload):
         """One request with retries: (choices, prompt_tokens, completion_tokens, attempts, error or None)."""
@@ -430,6 +497,7 @@ class Teacher:
                             self.tokens_used += pt + ct
                             self.prompt_used += pt
                             self.completion_used += ct
+                            self.prompt_computed_used += pt * payload.get("n", 1)
                         return choices, pt, ct, attempts, None
                 else:
                     last_error = f"HTTP {resp.status_code}: {_error_snippet(resp)}"
@@ -447,6 +515,36 @@ class Teacher:
                 time.sleep(delay)
         return [], 0, 0, attempts, self._scrub(f"gave up after {self.max_attempts} attempts; last error: "
                                                f"{last_error}")
+
+# -----------------------------------------------------------------------------
+# Asking for a batch of jobs the way the loop needs it: usage counted once per distinct reply, and any failure
+# other than a spent budget stops the run (its finished replies stay cached, so a rerun pays nothing twice).
+
+
+class TeacherError(RuntimeError):
+    """The teacher failed on some jobs; the message says how many and the first error."""
+
+
+def ask_all(client, jobs, what="requests", who="teacher"):
+    """(results, usage): every job's reply, and what the replies used, whether paid now or read from the cache, so a
+    resumed run reports the same numbers as an uninterrupted one. Identical jobs are asked, and counted, once. usage
+    counts prompt and completion tokens as billed, prompt_computed (prompts as prefilled: once per sample), replies,
+    cached (replies read from the cache) and http_requests (sent now, retries and re-sent requests included). A spent
+    budget leaves a job unanswered; any other failure stops the run (finished replies stay cached)."""
+    requests_before = client.requests
+    results = client.chat_many(jobs)
+    usage = Counter()
+    for r in {r["cache_key"]: r for r in results}.values():
+        usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0,
+                     prompt_computed=r.get("prompt_tokens_computed", r["prompt_tokens"]) or 0, replies=1,
+                     cached=int(bool(r.get("cached"))))
+    usage["http_requests"] = client.requests - requests_before
+    failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
+    if failed:
+        raise TeacherError(f"the {who} failed on {len(failed)} of {len(jobs)} {what} (first: {failed[0]}). "
+                           f"Its finished replies are cached.")
+    return results, usage
+
 
 # -----------------------------------------------------------------------------
 # Fail fast at start-up: a typo in the URL should cost one second, not a trained student and then a crash.

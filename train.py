@@ -294,12 +294,28 @@ def _save_checkpoint(path, plan, step, params, optimizer, scaler, tokens, loss_h
     os.replace(path + ".tmp", path)
 
 
+def _read_checkpoint(path):
+    """The checkpoint at path, or None. It is a file in the run directory, which anyone may have replaced, so it is
+    read with weights_only=True: tensors, numbers, strings and containers, never an arbitrary pickled object (whose
+    unpickling could run code)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign pickle, a torn or corrupt file: never trusted, never executed
+        raise TrainingError(f"{path}: not a training checkpoint that can be read safely ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}). Delete it to restart this fine-tune from its first "
+                            f"step; nothing else is lost.") from None
+
+
 def _load_checkpoint(path, plan, params, optimizer, scaler):
     """Rank 0 reads the checkpoint, every rank restores it. None if there is none."""
-    state = dist.from_rank0(lambda: torch.load(path, map_location="cpu", weights_only=False)
-                            if path and os.path.exists(path) else None)
+    state = dist.from_rank0(lambda: _read_checkpoint(path))
     if state is None:
         return None
+    if not isinstance(state, dict) or not {"plan", "step", "params", "optimizer"} <= set(state):
+        raise TrainingError(f"{path} is not a training checkpoint of this program; delete it to restart this "
+                            f"fine-tune from its first step")
     if state.get("plan") != plan:
         raise TrainingError(f"{path} is a checkpoint of different training data or settings; delete it to start "
                             f"this training from the beginning")

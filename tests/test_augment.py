@@ -8,6 +8,7 @@ a scripted reply, so the test controls exactly which items collide.
 import re
 
 import llm2llm
+from config import Config
 import tasks
 
 SST2 = tasks.get_task("sst2")
@@ -62,7 +63,7 @@ def test_filter_generated_applies_the_quota_before_indexing():
 
 
 def test_augment_surplus_item_does_not_block_another_seed():
-    cfg = llm2llm.Config(task="sst2", aug_per_wrong=1, teacher_max_asks=1, teacher_model="scripted")
+    cfg = Config(task="sst2", aug_per_wrong=1, teacher_max_asks=1, teacher_model="scripted")
     teacher = ScriptedTeacher()
     predictions = {SEED_A["id"]: {"answer": "positive"}, SEED_B["id"]: {"answer": "negative"}}
     accepted, rejected, unsatisfied, usage = llm2llm.augment(SST2, teacher, [SEED_A, SEED_B], predictions,

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import compare
+import dist
 import llm2llm
+from config import Config
 from conftest import ScriptedHandler, load_pretrained
 from lora import add_lora
 from tasks import get_task
@@ -100,7 +102,7 @@ def data_dir(tmp_path_factory):
 
 
 def compare_argv(student, data_dir, out, teacher_url, arms=ALL_ARMS):
-    return ["compare", "--task", "sst2", "--data-dir", str(data_dir), "--student", str(student),
+    return ["--task", "sst2", "--data-dir", str(data_dir), "--student", str(student),
             "--teacher-url", teacher_url, "--teacher-model", "scripted", "--seed-size", "6",
             "--iterations", str(ITERATIONS), "--epochs", "4", "--min-steps", "0", "--lr", "2e-2", "--batch-size", "4",
             "--max-new-tokens", "4", "--teacher-workers", "1", "--arms", arms,
@@ -110,7 +112,7 @@ def compare_argv(student, data_dir, out, teacher_url, arms=ALL_ARMS):
 @pytest.fixture(scope="module")
 def comparison(tiny_llama_dir, data_dir, teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("comparison") / "cmp"
-    assert llm2llm.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 0
+    assert compare.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 0
     return {"out": out, "requests": list(teacher.requests), "sent": teacher.seed_texts_sent()}
 
 
@@ -176,10 +178,10 @@ def test_each_arm_sends_its_parents_and_only_seed_examples(comparison):
 def test_random_parents_are_a_seeded_uniform_draw_of_as_many_as_are_wrong():
     seed_rows = [{"id": f"s{k}"} for k in range(10)]
     wrong = seed_rows[2:6]
-    cfg = llm2llm.Config(seed=3, augment="random")
+    cfg = Config(seed=3, augment="random")
     draw = llm2llm.choose_parents(cfg, seed_rows, wrong, 1)
     assert len(draw) == len(wrong) and draw == [row for row in seed_rows if row in draw]  # a subset, in seed order
-    assert draw == llm2llm.choose_parents(llm2llm.Config(seed=3, augment="random"), seed_rows, wrong, 1)
+    assert draw == llm2llm.choose_parents(Config(seed=3, augment="random"), seed_rows, wrong, 1)
     counts = {row["id"]: 0 for row in seed_rows}
     n = 2000
     draws = [llm2llm.choose_parents(cfg, seed_rows, wrong, i) for i in range(n)]
@@ -189,8 +191,8 @@ def test_random_parents_are_a_seeded_uniform_draw_of_as_many_as_are_wrong():
     sigma = math.sqrt(n * 0.4 * 0.6)  # each seed is in a draw of 4 of 10 with probability 0.4
     assert all(abs(c - 0.4 * n) < 5 * sigma for c in counts.values()), counts
     assert len({tuple(r["id"] for r in d) for d in draws}) > 150  # iterations draw differently (210 subsets)
-    assert llm2llm.choose_parents(llm2llm.Config(augment="all"), seed_rows, wrong, 1) == seed_rows
-    assert llm2llm.choose_parents(llm2llm.Config(), seed_rows, wrong, 1) == wrong
+    assert llm2llm.choose_parents(Config(augment="all"), seed_rows, wrong, 1) == seed_rows
+    assert llm2llm.choose_parents(Config(), seed_rows, wrong, 1) == wrong
 
 
 def test_the_student_answer_is_shown_only_for_the_seeds_it_got_wrong():
@@ -207,7 +209,7 @@ def test_the_student_answer_is_shown_only_for_the_seeds_it_got_wrong():
             {"id": "wrong", "text": "it is a triumph", "label": "positive"}]
     predictions = {"right": {"answer": "positive", "correct": True}, "wrong": {"answer": "negative", "correct": False}}
     teacher = RecordingTeacher()
-    cfg = llm2llm.Config(augment="all", show_student_answer=True, teacher_max_asks=1)
+    cfg = Config(augment="all", show_student_answer=True, teacher_max_asks=1)
     llm2llm.augment(task, teacher, rows, predictions, rows, [], 0, cfg)
     assert [job["messages"][-1]["content"].count('answered "negative"') for job in teacher.jobs] == [0, 1]
 
@@ -343,19 +345,20 @@ def test_an_interrupted_comparison_resumes_to_the_same_compare_json(comparison, 
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(llm2llm, "train", interrupted_train)
-    assert llm2llm.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 130
+    assert compare.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 130
     assert f"the comparison so far is kept in {out}; rerun the same command" in capsys.readouterr().err
     finished = [p.parent.name for p in out.glob("*/report.md")]
     assert finished and len(finished) < 14 and not (out / "compare.json").exists()
     monkeypatch.setattr(llm2llm, "train", real_train)
 
-    assert llm2llm.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 0
+    assert compare.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 0
     resumed = json.loads((out / "compare.json").read_text())
     reference = json.loads((comparison["out"] / "compare.json").read_text())
     assert without_seconds(resumed) == without_seconds(reference)
     # once finished, the same command only reads the runs back: no model is trained again
     monkeypatch.setattr(llm2llm, "load_model", lambda *a, **k: pytest.fail("a finished run was loaded again"))
-    assert llm2llm.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 0
+    monkeypatch.setattr(dist, "load_model", lambda *a, **k: pytest.fail("a finished run was loaded again"))
+    assert compare.main(compare_argv(tiny_llama_dir, data_dir, out, teacher.url)) == 0
     assert without_seconds(json.loads((out / "compare.json").read_text())) == without_seconds(reference)
 
 
@@ -366,7 +369,7 @@ def test_the_first_student_is_trained_once_per_seed_and_shared(tiny_llama_dir, d
     monkeypatch.setattr(llm2llm, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     argv = compare_argv(tiny_llama_dir, data_dir, out, teacher.url, arms="finetune,llm2llm,random")
     argv[argv.index("--seeds") + 1] = "0"
-    assert llm2llm.main(argv) == 0
+    assert compare.main(argv) == 0
     llm2llm_trains = len(metrics(out / "llm2llm-seed0"))
     random_trains = len(metrics(out / "random-seed0")) - 1  # its iteration 0 is llm2llm's
     assert len(calls) == llm2llm_trains + random_trains  # finetune trains nothing of its own
@@ -384,6 +387,6 @@ def test_the_first_student_is_trained_once_per_seed_and_shared(tiny_llama_dir, d
     (["--test-limit", "0"], "no test set"),
 ])
 def test_bad_compare_flags_say_what_to_do(extra, message, tmp_path, capsys):
-    code = llm2llm.main(["compare", "--task", "sst2", "--out", str(tmp_path / "cmp"), *extra])
+    code = compare.main(["--task", "sst2", "--out", str(tmp_path / "cmp"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err

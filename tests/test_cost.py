@@ -12,7 +12,10 @@ import re
 import pytest
 
 import compare_teachers
+import dist
 import llm2llm
+from config import Config, RunError
+from cost import count_parameters
 from test_compare import ScriptedTeacher as CountingScriptedTeacher
 from test_llm2llm import REPLY_TOKENS, assert_budget_stop_survives_kills, data_dir, flags, read_jsonl, run_error, \
     teacher  # noqa: F401 (data_dir and teacher are fixtures)
@@ -72,7 +75,7 @@ def test_the_embedded_teacher_is_counted_from_its_config(tiny_llama_dir, tiny_gp
     from conftest import load_pretrained
     for folder in (tiny_llama_dir, tiny_gpt2_dir):  # untied and tied (GPT-2 shares its embedding with lm_head)
         model, _ = load_pretrained(folder)
-        assert llm2llm.count_parameters(str(folder)) == sum(p.numel() for p in model.parameters())
+        assert count_parameters(str(folder)) == sum(p.numel() for p in model.parameters())
     teacher_dir = tiny_llama_dir  # served by the embedded server
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     argv = flags(tiny_llama_dir, data_dir, tmp_path / "run", "unused", "--iterations", "1", "--teacher-max-tokens", "8")
@@ -160,9 +163,9 @@ def test_the_matching_rule_gives_the_cheaper_teacher_more_samples():
                          price_out_b=1.0)
     compare_teachers.matched_samples([a, b], 3, "price")  # the same price: the same k, whatever the sizes
     assert (a["k"], b["k"]) == (3, 3)
-    with pytest.raises(llm2llm.RunError, match="needs both teachers' sizes"):
+    with pytest.raises(RunError, match="needs both teachers' sizes"):
         compare_teachers.matched_samples(teacher_specs(params_a=1e9), 1, "params")
-    with pytest.raises(llm2llm.RunError, match="sizes .* or both teachers' prices"):
+    with pytest.raises(RunError, match="sizes .* or both teachers' prices"):
         compare_teachers.matched_samples(teacher_specs(params_a=1e9), 1)
 
 
@@ -173,12 +176,12 @@ def test_compare_teachers_runs_both_teachers_at_matched_k_and_reports_side_by_si
     out = tmp_path / "teachers"
     argv = flags(tiny_llama_dir, data_dir, out, "unused", "--iterations", "1", "--aug-per-wrong", "2")
     argv = argv[:argv.index("--teacher-url")] + argv[argv.index("--teacher-model") + 2:]
-    argv = ["compare-teachers"] + argv + [
+    argv = argv + [
         "--teacher-a", cheap.url, "--model-a", "scripted", "--params-a", "1e6", "--price-in-a", "0.5",
         "--price-out-a", "2", "--teacher-b", strong.url, "--model-b", "scripted", "--params-b", "3e6",
         "--label-a", "small", "--label-b", "large", "--seeds", "0,1", "--bootstrap-resamples", "500"]
     try:
-        assert llm2llm.main(argv) == 0
+        assert compare_teachers.main(argv) == 0
     finally:
         cheap.server.shutdown()
         strong.server.shutdown()
@@ -217,7 +220,8 @@ def test_compare_teachers_runs_both_teachers_at_matched_k_and_reports_side_by_si
     # the same command again only reads the finished runs back: no model is loaded
     before = (out / "compare_teachers.json").read_text()
     monkeypatch.setattr(llm2llm, "load_model", lambda *a, **k: pytest.fail("a finished run was loaded again"))
-    assert llm2llm.main(argv) == 0
+    monkeypatch.setattr(dist, "load_model", lambda *a, **k: pytest.fail("a finished run was loaded again"))
+    assert compare_teachers.main(argv) == 0
     assert json.loads((out / "compare_teachers.json").read_text())["results"] == json.loads(before)["results"]
 
 
@@ -232,7 +236,7 @@ def test_compare_teachers_runs_both_teachers_at_matched_k_and_reports_side_by_si
     (["--teacher-a", "x", "--model-a", "z", "--teacher-b", "y"], "--model-a names the model at a URL"),
 ])
 def test_bad_compare_teachers_flags_say_what_to_do(extra, message, tmp_path, capsys):
-    code = llm2llm.main(["compare-teachers", "--task", "sst2", "--out", str(tmp_path / "cmp"), *extra])
+    code = compare_teachers.main(["--task", "sst2", "--out", str(tmp_path / "cmp"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
 
@@ -260,7 +264,7 @@ def test_solution_metrics_in_the_runs_reach_the_side_by_side_table(tmp_path):
     specs = teacher_specs(params_a=1e9, params_b=3e9)
     compare_teachers.matched_samples(specs, 2)
     args = type("Args", (), {"bootstrap_resamples": 200, "bootstrap_seed": 0})
-    summary = compare_teachers.summarize(results, specs, [0, 1], llm2llm.Config(), args, "params", 3.0)
+    summary = compare_teachers.summarize(results, specs, [0, 1], Config(), args, "params", 3.0)
     assert summary["results"]["a"]["coverage_at_k"] == [0.5, 0.7]
     assert summary["results"]["b"]["fpr_judge"] == [0.05, 0.15] and summary["results"]["a"]["fpr_judge"] == [None] * 2
     assert summary["results"]["a"]["teacher_flops"] == [240.0, 240.0]
@@ -283,6 +287,6 @@ def test_an_embedded_teacher_is_matched_by_its_counted_size(tiny_llama_dir, tiny
     assert (a["params"], b["params"]) == tuple(sizes) and (a["k"], b["k"]) == (round(2 * sizes[1] / sizes[0]), 2)
     # a model spec means the embedded server: a base URL in the environment would silently take its place
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    assert llm2llm.main(["compare-teachers", "--task", "sst2", "--out", str(tmp_path / "cmp"), "--teacher-a",
+    assert compare_teachers.main(["--task", "sst2", "--out", str(tmp_path / "cmp"), "--teacher-a",
                          str(tiny_llama_dir), "--teacher-b", str(tiny_gpt2_dir)]) == 2
     assert "$OPENAI_BASE_URL is set" in capsys.readouterr().err

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
+import dist
 import llm2llm
+import rundir
+from config import Config, parse_args
 from conftest import ROOT, ScriptedHandler
 
 POSITIVE = ["a gorgeous , witty , seductive movie", "the film is a delight from start to finish",
@@ -32,7 +35,10 @@ NEGATIVE = ["a tedious , overlong mess", "the plot makes no sense at all", "dull
             "a cynical , lazy sequel", "it never comes together"]
 METRIC_KEYS = {"iteration", "train_size", "n_seed", "n_wrong", "n_augmented", "n_rejected", "seed_acc", "test_acc",
                "teacher_prompt_tokens", "teacher_completion_tokens", "train_tokens", "train_seconds", "eval_seconds"}
-TIMING_KEYS = {"train_seconds", "eval_seconds", "teacher_seconds"}
+# what describes how a run went rather than what it computed: its timings, and how many teacher replies came from the
+# cache and how many HTTP requests were sent (a resumed run sends again the requests a kill cut off)
+TIMING_KEYS = {"train_seconds", "eval_seconds", "teacher_seconds", "mistakes_seconds", "teacher_cached_replies",
+               "teacher_http_requests"}
 
 
 @pytest.fixture
@@ -244,11 +250,11 @@ def test_an_unusable_teacher_url_fails_before_any_training(tiny_llama_dir, data_
 
 
 def test_a_teacher_model_the_endpoint_does_not_list_is_warned_about(teacher, capsys):
-    cfg = llm2llm.Config(teacher_url=teacher.url, teacher_model="gpt-4o-mini")
-    llm2llm.check_teacher(cfg)
+    cfg = Config(teacher_url=teacher.url, teacher_model="gpt-4o-mini")
+    rundir.check_teacher(cfg)
     out = capsys.readouterr().out
     assert "warning" in out and "lists scripted, not --teacher-model gpt-4o-mini" in out
-    llm2llm.check_teacher(llm2llm.Config(teacher_url=teacher.url, teacher_model="scripted"))
+    rundir.check_teacher(Config(teacher_url=teacher.url, teacher_model="scripted"))
     assert capsys.readouterr().out == ""
 
 
@@ -311,8 +317,9 @@ def test_a_resumed_iteration_with_every_reply_cached_loads_no_teacher(tiny_llama
                                                                       monkeypatch):
     loaded = []
     real_load = llm2llm.load_model
-    monkeypatch.setattr(llm2llm, "load_model", lambda name, device, precision, role: loaded.append(role) or
-                        real_load(name, device, precision, role))
+    recording = lambda name, device, precision, role: loaded.append(role) or real_load(name, device, precision, role)  # noqa: E731
+    monkeypatch.setattr(llm2llm, "load_model", recording)  # the embedded teacher
+    monkeypatch.setattr(dist, "load_model", recording)  # the student
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     argv = flags(tiny_llama_dir, data_dir, tmp_path / "run", "unused")
     argv = argv[:argv.index("--teacher-url")] + argv[argv.index("--teacher-url") + 2:]  # the embedded server
@@ -354,8 +361,8 @@ def test_config_records_precision_and_prompts_and_a_resume_may_not_change_them(t
                                                                                tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
-    (prompts / "sst2.txt").write_bytes((llm2llm.PROMPTS_DIR / "sst2.txt").read_bytes())
-    monkeypatch.setattr(llm2llm, "PROMPTS_DIR", prompts)
+    (prompts / "sst2.txt").write_bytes((rundir.PROMPTS_DIR / "sst2.txt").read_bytes())
+    monkeypatch.setattr(rundir, "PROMPTS_DIR", prompts)
     out = tmp_path / "run"
     argv = flags(tiny_llama_dir, data_dir, out, teacher.url, "--iterations", "0")
     assert llm2llm.main(argv) == 0
@@ -441,7 +448,7 @@ def test_empty_seed_set(capsys, data_dir, tiny_llama_dir, teacher, tmp_path):
 
 
 def test_an_undertrained_student_is_named_as_such(capsys):
-    cfg = llm2llm.Config(min_steps=64, epochs=3, lr=1e-3)
+    cfg = Config(min_steps=64, epochs=3, lr=1e-3)
     stats = {"steps": 64, "final_loss": 1.234}
     llm2llm.warn_if_undertrained(0, 28, 55, stats, cfg)  # 27 wrong: under half
     out = capsys.readouterr().out
@@ -481,8 +488,8 @@ def test_report_subcommand(capsys, data_dir, tiny_llama_dir, teacher, tmp_path):
 def test_continue_training_starts_from_the_previous_adapter(tiny_llama_dir, data_dir, teacher, tmp_path,
                                                              monkeypatch):
     loaded = []
-    real_load = llm2llm.load_adapter
-    monkeypatch.setattr(llm2llm, "load_adapter", lambda model, path: loaded.append(Path(path)) or real_load(model, path))
+    real_load = dist.load_adapter
+    monkeypatch.setattr(dist, "load_adapter", lambda model, path: loaded.append(Path(path)) or real_load(model, path))
     out = tmp_path / "run"
     assert llm2llm.main(flags(tiny_llama_dir, data_dir, out, teacher.url, "--continue-training")) == 0
     assert loaded == [out / "iter_00" / "adapter", out / "iter_01" / "adapter"]
@@ -504,9 +511,9 @@ def test_the_api_key_is_written_nowhere(tiny_llama_dir, data_dir, teacher, tmp_p
 
 
 def test_micro_batch_tokens_flag_takes_auto_or_a_positive_count(capsys):
-    assert llm2llm.parse_args([]).micro_batch_tokens == "auto"
-    assert llm2llm.parse_args(["--micro-batch-tokens", "2048"]).micro_batch_tokens == 2048
+    assert parse_args([]).micro_batch_tokens == "auto"
+    assert parse_args(["--micro-batch-tokens", "2048"]).micro_batch_tokens == 2048
     for bad in ("lots", "0", "-5", "4096.5"):
         with pytest.raises(SystemExit):
-            llm2llm.parse_args(["--micro-batch-tokens", bad])
+            parse_args(["--micro-batch-tokens", bad])
         assert "must be 'auto' or a positive whole number of tokens" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
+import compare
 import llm2llm
 from test_llm2llm import (TIMING_KEYS, data_dir, flags, read_jsonl, run_error,  # noqa: F401 (fixtures)
                           teacher)
@@ -260,13 +261,13 @@ def test_a_kill_right_after_the_early_evaluation_resumes_to_the_same_metrics(tin
 def test_compare_runs_one_llm2llm_arm_per_mode(tiny_llama_dir, data_dir, teacher, tmp_path):
     from safetensors.torch import load_file
     out = tmp_path / "cmp"
-    argv = ["compare", "--task", "sst2", "--data-dir", str(data_dir), "--student", str(tiny_llama_dir),
+    argv = ["--task", "sst2", "--data-dir", str(data_dir), "--student", str(tiny_llama_dir),
             "--teacher-url", teacher.url, "--teacher-model", "scripted", "--seed-size", "6", "--iterations", "1",
             "--epochs", "4", "--min-steps", "0", "--lr", "5e-3", "--batch-size", "4", "--max-new-tokens", "4",
             "--test-limit", "4", "--teacher-workers", "1", "--mistakes", "heldout:2", "--seeds", "0",
             "--arms", "finetune,llm2llm,llm2llm:train,llm2llm:early:0.5,llm2llm:heldout:2,random",
             "--bootstrap-resamples", "200", "--out", str(out)]
-    assert llm2llm.main(argv) == 0
+    assert compare.main(argv) == 0
     summary = json.loads((out / "compare.json").read_text())
     # llm2llm:heldout:2 is llm2llm itself (--mistakes heldout:2): run once
     assert list(summary["results"]) == ["llm2llm", "finetune", "llm2llm:train", "llm2llm:early:0.5", "random"]

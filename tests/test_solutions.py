@@ -15,6 +15,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 import llm2llm
+import solutions
 import tasks
 import teacher as T
 from conftest import ScriptedHandler
@@ -302,11 +303,11 @@ def test_parse_and_check_solutions():
 
 
 def test_parse_verdict_is_strict():
-    assert llm2llm.parse_verdict("Fine.\nVERDICT: SOUND") is True
-    assert llm2llm.parse_verdict("bad step\n**Verdict:** UNSOUND.\n\n") is False
-    assert llm2llm.parse_verdict("VERDICT: SOUND\nActually, wait.") is None
-    assert llm2llm.parse_verdict("VERDICT: MOSTLY SOUND") is None
-    assert llm2llm.parse_verdict("") is None
+    assert solutions.parse_verdict("Fine.\nVERDICT: SOUND") is True
+    assert solutions.parse_verdict("bad step\n**Verdict:** UNSOUND.\n\n") is False
+    assert solutions.parse_verdict("VERDICT: SOUND\nActually, wait.") is None
+    assert solutions.parse_verdict("VERDICT: MOSTLY SOUND") is None
+    assert solutions.parse_verdict("") is None
 
 
 def test_a_users_own_number_and_exact_tasks_have_solutions(tmp_path):
