@@ -44,13 +44,11 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import zlib
 from dataclasses import asdict, replace
 
 import torch
-from safetensors import safe_open
 
 import llm2llm
 import rundir
@@ -69,7 +67,7 @@ MODE_ARM = "llm2llm:"  # llm2llm:MODE is the llm2llm arm with --mistakes MODE
 ARMS = ("finetune", "finetune-matched", "llm2llm", "all", "random", "continue", "oneshot")
 DEFAULT_ARMS = "finetune,finetune-matched,llm2llm,random"
 # loop flags an arm sets itself, so a comparison cannot take them
-ARM_FLAGS = ("--augment", "--continue-training", "--seed")
+ARM_FLAGS = ("--augment", "--continue-training", "--seed", "--random-parents", "--first-student")
 
 
 # -----------------------------------------------------------------------------
@@ -169,37 +167,6 @@ def arm_config(base, arm, seed, out, reference=None):
         first_wrong = reference["metrics"][0]["n_wrong"]
         cfg.aug_per_wrong = max(1, math.ceil(reference["teacher_accepted"] / first_wrong)) if first_wrong else 1
     return cfg
-
-
-# Every arm but finetune-matched starts with the same first student as llm2llm: the same seed set, flags and seed,
-# and iteration 0 is a fresh adapter in all of them (--continue-training only changes later iterations). So that
-# student is trained and evaluated once per seed, in the llm2llm run, and its files are copied into the other arms'
-# iteration 0; each arm still runs its own teacher stage from there. This saves a fine-tune and two evaluations per
-# arm and seed, and the arms are compared on one common first student.
-FIRST_STUDENT_FILES = ("adapter", "train_stats.json", "seed_predictions.jsonl", "test_predictions.jsonl")
-
-
-def share_first_student(reference_dir, cfg):
-    source, target = os.path.join(reference_dir, "iter_00"), os.path.join(cfg.out, "iter_00")
-    if parse_mistakes(cfg.mistakes)[0] == "early" and cfg.iterations > 0:
-        return  # --mistakes early evaluates the seed set part-way through this very fine-tune: it trains its own
-    if not all(os.path.exists(os.path.join(source, name)) for name in FIRST_STUDENT_FILES):
-        return
-    if os.path.exists(os.path.join(target, "train_stats.json")):
-        return  # already there, or this arm trained its own
-    weights = os.path.join(source, "adapter", "adapter_model.safetensors")
-    try:
-        with safe_open(weights, framework="pt"):
-            pass
-    except Exception as e:  # missing, truncated or not safetensors: never copied on to other arms
-        raise RunError(f"the first student shared by every arm of this seed is damaged: {weights} ({type(e).__name__}:"
-                       f" {str(e).splitlines()[0][:120]}). Delete {reference_dir} to train it again, then rerun.") from None
-    os.makedirs(target, exist_ok=True)
-    for name in ("seed_predictions.jsonl", "test_predictions.jsonl"):
-        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
-    shutil.copytree(os.path.join(source, "adapter"), os.path.join(target, "adapter"), dirs_exist_ok=True)
-    # train_stats.json last: run_iteration trusts an adapter only once its stats are there
-    shutil.copyfile(os.path.join(source, "train_stats.json"), os.path.join(target, "train_stats.json"))
 
 
 def is_finished(cfg):
@@ -531,8 +498,10 @@ def compare(base, arms, seeds, args, run=None):
                 print(f"[{count}/{len(arms) * len(seeds)}] {arm}, seed {seed}: finished in {cfg.out}")
             else:
                 print(f"[{count}/{len(arms) * len(seeds)}] {arm}, seed {seed}: running in {cfg.out}")
-                if arm not in (REFERENCE, "finetune-matched"):  # see share_first_student
-                    share_first_student(arm_config(base, REFERENCE, seed, args.out).out, cfg)
+                if arm not in (REFERENCE, "finetune-matched"):
+                    # every other arm starts from llm2llm's first student: the same seed set, flags and seed, and a
+                    # fresh adapter at iteration 0. It is trained once per seed and shared (rundir.take_first_student)
+                    cfg.first_student = arm_config(base, REFERENCE, seed, args.out).out
                 run(cfg)
             results[arm, seed] = load_result(cfg.out)
         table = write_outputs(summarize(results, arms, seeds, base, args), base, args.out)

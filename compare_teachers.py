@@ -48,7 +48,7 @@ from rundir import write_json
 LABELS = ("a", "b")
 # loop flags each teacher's runs set themselves, so the comparison cannot take them
 TEACHER_FLAGS = ("--teacher-url", "--teacher-model", "--teacher-params", "--teacher-price-in", "--teacher-price-out",
-                 "--seed", "--out")
+                 "--seed", "--out", "--first-student")
 RULE = "S_WC = (P_SE / P_WC) * S_SE (Bansal et al. 2024): at equal sampling compute, the cheaper teacher writes " \
        "(cost of the expensive one / cost of the cheaper one) times as many samples per problem"
 
@@ -371,7 +371,7 @@ def compare_teachers(base, teachers_, seeds, args, run=None):
             else:
                 print(f"[{count}/{total}] teacher {teacher['label']}, seed {seed}: running in {cfg.out}")
                 if cfg.out != first:
-                    compare.share_first_student(first, cfg)
+                    cfg.first_student = first  # the first student does not depend on the teacher: trained once
                 run(cfg)
             results[teacher["label"], seed] = load_result(cfg.out)
         table = write_outputs(summarize(results, teachers_, seeds, base, args, match, ratio), base, args.out)

@@ -162,6 +162,9 @@ class Config:
     teacher_cache: Optional[str] = flag(None, RUN_DIR, "folder of cached teacher replies (default: "
                                                        "<out>/teacher_cache); runs may share one")
     force: bool = flag(False, RUN_DIR, "start over in an --out that holds a different run")
+    first_student: Optional[str] = flag(None, RUN_DIR, "a run directory with the same seed set and training flags "
+                                                       "whose iteration-0 student this run takes instead of training "
+                                                       "its own (compare.py shares one first student between arms)")
 
     # torchrun
     dist_timeout: float = flag(1800.0, DISTRIBUTED, "seconds a process waits for the others before it stops with "
@@ -174,7 +177,7 @@ class Config:
 # fields that do not change what a run computes, so a resumed run may differ in them. --device and --precision are
 # checked through the precision they resolve to (recorded as precision_used), --teacher-url with a warning.
 RESUME_NEUTRAL = {"out", "force", "teacher_workers", "teacher_timeout", "teacher_key_env", "teacher_url", "device",
-                  "precision", "teacher_cache", "dist_timeout", "fsdp", "judge_url"}
+                  "precision", "teacher_cache", "dist_timeout", "fsdp", "judge_url", "first_student"}
 
 
 def parse_args(argv):

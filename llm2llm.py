@@ -562,6 +562,7 @@ class LazyTeacher:
 
 def run(cfg):
     """Run the loop as configured (the entry point of compare.py too). Returns the run directory."""
+    rundir.opened.clear()  # what this run opens decides what an error message may offer to resume
     device = dist.init(resolve_device(cfg.device), cfg.dist_timeout)
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if dist.is_main() else devnull):

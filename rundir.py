@@ -22,6 +22,8 @@ import shutil
 import time
 from dataclasses import asdict, fields
 
+from safetensors import safe_open
+
 import dist
 from config import RESUME_NEUTRAL, Config, RunError, check_flags, parse_mistakes, resolve_precision
 from cost import resolve_teacher_cost
@@ -281,6 +283,9 @@ def start_run(cfg, device):
                        f"set has {len(fresh_seed)}; use fewer folds")
     lock(cfg.out)
     seed_rows = prepare_run_dir(cfg, recorded, fresh_seed)
+    if cfg.first_student and not (mode == "early" and cfg.iterations > 0):
+        # --mistakes early evaluates the seed set part-way through this very fine-tune: such a run trains its own
+        take_first_student(cfg.first_student, cfg)
     print("config:", json.dumps(asdict(cfg)))
     print(f"device {device}, precision {recorded['precision_used']}")
     if cfg.iterations > 0:
@@ -301,6 +306,45 @@ def start_run(cfg, device):
 
 
 RESOLVED = ("out", "seed_frac", "teacher_url", "teacher_params")  # fields start_run fills in
+
+
+# A first student shared between runs: compare.py trains the iteration-0 student of a seed once, in its llm2llm run,
+# and every other arm of that seed takes it, so the arms are compared on one common first student and a fine-tune
+# and two evaluations per arm are saved. It is taken only into a run that has not trained its own, only from a run
+# with the same seed set, and never when damaged.
+
+FIRST_STUDENT_FILES = ("adapter", "train_stats.json", "seed_predictions.jsonl", "test_predictions.jsonl")
+SAME_FIRST_STUDENT = ("task", "data_dir", "test_file", "answer_type", "test_limit", "student", "seed", "epochs",
+                      "min_steps", "train_steps", "lr", "batch_size", "lora_r", "lora_alpha", "lora_dropout",
+                      "max_seq_len", "max_new_tokens", "precision_used", "seed_sha256")
+
+
+def take_first_student(source_dir, cfg):
+    source, target = os.path.join(source_dir, "iter_00"), os.path.join(cfg.out, "iter_00")
+    if os.path.exists(os.path.join(target, "train_stats.json")):
+        return  # already taken, or this run trained its own
+    if not all(os.path.exists(os.path.join(source, name)) for name in FIRST_STUDENT_FILES):
+        return  # nothing finished there: this run trains its own
+    theirs, ours = read_config(os.path.join(source_dir, "config.json")) or {}, read_config(
+        os.path.join(cfg.out, "config.json"))
+    differs = [name for name in SAME_FIRST_STUDENT if theirs.get(name) != ours.get(name)]
+    if differs:
+        raise RunError(f"--first-student {source_dir} trained another first student (it differs in "
+                       f"{', '.join(differs)}); leave --first-student out to train this run's own")
+    weights = os.path.join(source, "adapter", "adapter_model.safetensors")
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except Exception as e:  # missing, truncated or not safetensors: never copied on
+        raise RunError(f"the shared first student is damaged: {weights} ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120]}). Delete {source_dir} to train it again, then rerun.") from None
+    os.makedirs(target, exist_ok=True)
+    for name in ("seed_predictions.jsonl", "test_predictions.jsonl"):
+        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    shutil.copytree(os.path.join(source, "adapter"), os.path.join(target, "adapter"), dirs_exist_ok=True)
+    # train_stats.json last: fine_tune trusts an adapter only once its statistics are there
+    shutil.copyfile(os.path.join(source, "train_stats.json"), os.path.join(target, "train_stats.json"))
+    print(f"iteration 0: the first student is taken from {source_dir}")
 
 
 def check_teacher(cfg):

@@ -531,14 +531,14 @@ def ask_all(client, jobs, what="requests", who="teacher"):
     counts prompt and completion tokens as billed, prompt_computed (prompts as prefilled: once per sample), replies,
     cached (replies read from the cache) and http_requests (sent now, retries and re-sent requests included). A spent
     budget leaves a job unanswered; any other failure stops the run (finished replies stay cached)."""
-    requests_before = client.requests
+    requests_before = getattr(client, "requests", 0)
     results = client.chat_many(jobs)
     usage = Counter()
     for r in {r["cache_key"]: r for r in results}.values():
         usage.update(prompt=r["prompt_tokens"] or 0, completion=r["completion_tokens"] or 0,
                      prompt_computed=r.get("prompt_tokens_computed", r["prompt_tokens"]) or 0, replies=1,
                      cached=int(bool(r.get("cached"))))
-    usage["http_requests"] = client.requests - requests_before
+    usage["http_requests"] = getattr(client, "requests", 0) - requests_before
     failed = [r["error"] for r in results if r["error"] and r["error"] != BUDGET_SPENT]
     if failed:
         raise TeacherError(f"the {who} failed on {len(failed)} of {len(jobs)} {what} (first: {failed[0]}). "

@@ -517,3 +517,23 @@ def test_micro_batch_tokens_flag_takes_auto_or_a_positive_count(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--micro-batch-tokens", bad])
         assert "must be 'auto' or a positive whole number of tokens" in capsys.readouterr().err
+
+
+def test_help_is_grouped_by_concern_lists_the_subcommands_first_and_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    groups = ["data:", "student and training:", "teacher:", "teacher cost and budgets:", "the loop:",
+              "run directory:", "distributed (torchrun):"]
+    positions = [text.index("\n" + group + "\n") for group in groups]
+    assert text.index("serve") < positions[0] and text.index("compare.py") < positions[0]  # subcommands on top
+    options = re.split(r"\n  (?=--)", text)
+    assert len(options) - 1 == len(Config.__dataclass_fields__)  # every flag is listed once
+    for option in options[1:]:
+        assert option.count("default") <= 1, option  # each default said once
+
+
+def test_a_comparison_asked_of_llm2llm_points_to_its_own_command(capsys):
+    for name, script in (("compare", "compare.py"), ("compare-teachers", "compare_teachers.py")):
+        err = run_error(capsys, [name, "--task", "trec", "--seeds", "0,1"])
+        assert f"python {script} --task trec --seeds 0,1" in err
